@@ -1,0 +1,112 @@
+"""A frozen linear layer whose weight is stored in 4 bits (NF4/FP4), as bitsandbytes' Linear4bit.
+
+    y = cast_x( cast_c(x) @ dequantize(W_q, c)^T ) + b      (c = compute dtype)
+
+Memory: the backward pass needs ``W`` to compute ``dL/dx = g W``. A plain JAX implementation would
+keep the dequantized ``W`` (4x-8x the size of ``W_q``) alive from the forward to the backward pass,
+which is exactly what QLoRA must avoid. `quantized_matmul` is a custom VJP whose residual is the
+quantized tensor itself; the backward pass dequantizes again. The re-dequantization is tied to the
+incoming gradient with an optimization barrier so that XLA cannot merge it with the forward one
+(common-subexpression elimination would bring the long-lived copy back).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.quant import QuantizedTensor, dequantize_4bit, quantize_4bit
+
+
+class QuantizedWeight(nnx.Variable):
+    """An NNX variable holding a `QuantizedTensor`: frozen, never selected by ``nnx.Param`` filters."""
+
+
+def _zero_cotangent(leaf):
+    if leaf is None:
+        return None
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+        return jnp.zeros_like(leaf)
+    return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def quantized_matmul(x: jax.Array, q: QuantizedTensor, compute_dtype) -> jax.Array:
+    """``x @ dequantize(q)^T`` in ``compute_dtype``; the backward pass re-dequantizes ``q``.
+
+    Shapes: x ``[..., in]``, q ``[out, in]`` -> ``[..., out]`` in ``compute_dtype``.
+    """
+    return x.astype(compute_dtype) @ dequantize_4bit(q, compute_dtype).T
+
+
+def _quantized_matmul_fwd(x, q, compute_dtype):
+    # Residuals: the quantized weight (4.1-4.5 bits/param) and x's dtype; never the dense weight.
+    return quantized_matmul(x, q, compute_dtype), (q, jnp.zeros((0,), x.dtype))
+
+
+def _quantized_matmul_bwd(compute_dtype, residuals, g):
+    q, x_dtype_marker = residuals
+    q, g = jax.lax.optimization_barrier((q, g))
+    w = dequantize_4bit(q, compute_dtype)
+    dx = (g.astype(compute_dtype) @ w).astype(x_dtype_marker.dtype)
+    return dx, jax.tree.map(_zero_cotangent, q)
+
+
+quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
+class Linear4bit(nnx.Module):
+    """Frozen 4-bit linear layer: bitsandbytes' ``Linear4bit`` semantics in Flax NNX.
+
+    Args:
+      quantized: the `QuantizedTensor` of the weight, shape ``[out_features, in_features]``.
+      bias: optional ``[out_features]`` bias (frozen like the weight; stored as an ``nnx.Param``
+        so that full fine-tuning can still select it).
+      compute_dtype: dtype of the matmul (default: the weight's original dtype); the output is cast
+        back to the input's dtype, as bitsandbytes does.
+
+    Shapes: x ``[..., in_features]`` -> ``[..., out_features]``.
+    """
+
+    def __init__(self, quantized: QuantizedTensor, bias: jax.Array | None = None, *, compute_dtype=None):
+        if len(quantized.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D [out, in] weight, got quantized shape {quantized.shape}")
+        self.out_features, self.in_features = quantized.shape
+        self.weight = QuantizedWeight(quantized)
+        if bias is not None and tuple(jnp.shape(bias)) != (self.out_features,):
+            raise ValueError(f"Linear4bit bias must have shape ({self.out_features},), got {tuple(jnp.shape(bias))}")
+        self.bias = nnx.Param(jnp.asarray(bias)) if bias is not None else None
+        self.compute_dtype = jnp.dtype(compute_dtype if compute_dtype is not None else quantized.dtype)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype=None,
+    ) -> "Linear4bit":
+        """Quantize a dense ``[out, in]`` weight and wrap it (double quantization on by default, as in QLoRA)."""
+        q = quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
+        return cls(q, bias, compute_dtype=compute_dtype)
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        return self.weight.get_value()
+
+    def dense_weight(self, dtype=None) -> jax.Array:
+        """The dequantized weight ``[out, in]`` (in ``dtype``, default the original dtype)."""
+        return dequantize_4bit(self.quantized, dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = quantized_matmul(x, self.quantized, self.compute_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.astype(x.dtype)
