@@ -19,6 +19,12 @@ def torch_linear_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dt
     return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
 
+def broadcast_last(vector: jax.Array, ndim: int) -> jax.Array:
+    """A ``[features]`` vector shaped ``[1, ..., 1, features]`` to combine with an ``ndim``-D array
+    (explicit, so code runs under ``jax_numpy_rank_promotion="raise"``)."""
+    return vector.reshape((1,) * (ndim - 1) + vector.shape)
+
+
 class Linear(nnx.Module):
     """``y = x W^T + b`` with ``W`` ``[out_features, in_features]``.
 
@@ -29,30 +35,42 @@ class Linear(nnx.Module):
       rngs: random streams for torch-style uniform initialisation.
 
     Shapes: x ``[..., in_features]`` -> ``[..., out_features]``.
+    Use `Linear.from_weight` to wrap existing arrays.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        _weight: jax.Array | None = None,
+        _bias: jax.Array | None = None,
+    ):
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nnx.Param(torch_linear_uniform(rngs.params(), (out_features, in_features), in_features, dtype))
-        self.bias = (
-            nnx.Param(torch_linear_uniform(rngs.params(), (out_features,), in_features, dtype)) if use_bias else None
-        )
+        if _weight is None:
+            if rngs is None:
+                raise ValueError("Linear needs rngs to initialise its weight (or use Linear.from_weight)")
+            _weight = torch_linear_uniform(rngs.params(), (out_features, in_features), in_features, dtype)
+            if use_bias:
+                _bias = torch_linear_uniform(rngs.params(), (out_features,), in_features, dtype)
+        self.weight = nnx.Param(_weight)
+        self.bias = nnx.data(nnx.Param(_bias) if _bias is not None else None)
 
     @classmethod
     def from_weight(cls, weight: jax.Array, bias: jax.Array | None = None) -> "Linear":
-        """A layer holding the given ``[out, in]`` weight (and ``[out]`` bias)."""
+        """A layer holding the given ``[out, in]`` weight (and ``[out]`` bias), without copying."""
         weight = jnp.asarray(weight)
         if weight.ndim != 2:
             raise ValueError(f"Linear weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
         if bias is not None and tuple(jnp.shape(bias)) != (weight.shape[0],):
             raise ValueError(f"Linear bias must have shape ({weight.shape[0]},), got {tuple(jnp.shape(bias))}")
-        layer = object.__new__(cls)
-        layer.in_features = int(weight.shape[1])
-        layer.out_features = int(weight.shape[0])
-        layer.weight = nnx.Param(weight)
-        layer.bias = nnx.Param(jnp.asarray(bias)) if bias is not None else None
-        return layer
+        out_features, in_features = weight.shape
+        bias = None if bias is None else jnp.asarray(bias)
+        return cls(int(in_features), int(out_features), _weight=weight, _bias=bias)
 
     def dense_weight(self, dtype=None) -> jax.Array:
         """The weight ``[out, in]`` as a dense array (in ``dtype`` if given)."""
@@ -62,5 +80,5 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.weight[...].T
         if self.bias is not None:
-            y = y + self.bias[...]
+            y = y + broadcast_last(self.bias[...], y.ndim)
         return y

@@ -5,9 +5,15 @@
 Memory: the backward pass needs ``W`` to compute ``dL/dx = g W``. A plain JAX implementation would
 keep the dequantized ``W`` (4x-8x the size of ``W_q``) alive from the forward to the backward pass,
 which is exactly what QLoRA must avoid. `quantized_matmul` is a custom VJP whose residual is the
-quantized tensor itself; the backward pass dequantizes again. The re-dequantization is tied to the
-incoming gradient with an optimization barrier so that XLA cannot merge it with the forward one
-(common-subexpression elimination would bring the long-lived copy back).
+quantized tensor itself; the backward pass dequantizes again.
+
+Two XLA behaviours would undo that, and both are blocked by making each dequantization depend on
+the data it is used with (the code table and the block scales are multiplied by ``1 + 0 * x[0]``
+in the forward, ``1 + 0 * g[0]`` in the backward): a weight dequantization depends on no activation, so XLA is free to schedule the
+dequantizations of all layers at the start of the program, and common-subexpression elimination
+merges the backward's dequantization with the forward's, which brings the long-lived copy back.
+(``optimization_barrier`` does not prevent either on XLA's CPU backend; measured in
+tests/nn/test_linear4bit.py.) Multiplying by that exact 1.0 changes no bit for finite inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.quant import QuantizedTensor, dequantize_4bit, quantize_4bit
+from jaxlora.nn.linear import broadcast_last
+from jaxlora.quant import QuantizedTensor, block_scales, dequantize_4bit, quantize_4bit
+from jaxlora.quant.codebooks import DECODE_4BIT
+from jaxlora.quant.fourbit import decode_4bit
 
 
 class QuantizedWeight(nnx.Variable):
@@ -40,7 +49,14 @@ def quantized_matmul(x: jax.Array, q: QuantizedTensor, compute_dtype) -> jax.Arr
 
     Shapes: x ``[..., in]``, q ``[out, in]`` -> ``[..., out]`` in ``compute_dtype``.
     """
-    return x.astype(compute_dtype) @ dequantize_4bit(q, compute_dtype).T
+    return x.astype(compute_dtype) @ _dequantize_after(q, x, compute_dtype).T
+
+
+def _dequantize_after(q: QuantizedTensor, data: jax.Array, dtype) -> jax.Array:
+    """Dequantize ``q``, with a data dependency on ``data`` (see the module docstring)."""
+    one = 1.0 + 0.0 * data.reshape(-1)[0].astype(jnp.float32)
+    table = jnp.asarray(DECODE_4BIT[q.quant_type]) * one
+    return decode_4bit(q, block_scales(q) * one, table, dtype)
 
 
 def _quantized_matmul_fwd(x, q, compute_dtype):
@@ -50,8 +66,7 @@ def _quantized_matmul_fwd(x, q, compute_dtype):
 
 def _quantized_matmul_bwd(compute_dtype, residuals, g):
     q, x_dtype_marker = residuals
-    q, g = jax.lax.optimization_barrier((q, g))
-    w = dequantize_4bit(q, compute_dtype)
+    w = _dequantize_after(q, g, compute_dtype)
     dx = (g.astype(compute_dtype) @ w).astype(x_dtype_marker.dtype)
     return dx, jax.tree.map(_zero_cotangent, q)
 
@@ -79,7 +94,7 @@ class Linear4bit(nnx.Module):
         self.weight = QuantizedWeight(quantized)
         if bias is not None and tuple(jnp.shape(bias)) != (self.out_features,):
             raise ValueError(f"Linear4bit bias must have shape ({self.out_features},), got {tuple(jnp.shape(bias))}")
-        self.bias = nnx.Param(jnp.asarray(bias)) if bias is not None else None
+        self.bias = nnx.data(nnx.Param(jnp.asarray(bias)) if bias is not None else None)
         self.compute_dtype = jnp.dtype(compute_dtype if compute_dtype is not None else quantized.dtype)
 
     @classmethod
@@ -108,5 +123,5 @@ class Linear4bit(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = quantized_matmul(x, self.quantized, self.compute_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = y + broadcast_last(self.bias[...].astype(y.dtype), y.ndim)
         return y.astype(x.dtype)

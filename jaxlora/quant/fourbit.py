@@ -144,7 +144,9 @@ def quantize_4bit(x, *, blocksize: int = 64, quant_type: str = "nf4", double_qua
 
 def unpack_codes(packed: jax.Array, n: int) -> jax.Array:
     """The ``n`` 4-bit codes of a packed uint8 vector (high nibble first), as uint8."""
-    pairs = jnp.stack([packed >> 4, packed & 0xF], axis=-1)
+    # One broadcast shift (not a stack of two halves) so that XLA fuses the unpacking into its consumer.
+    shifts = jnp.array([4, 0], jnp.uint8)
+    pairs = (packed[:, None] >> shifts[None, :]) & jnp.uint8(0xF)
     return pairs.reshape(-1)[:n]
 
 
@@ -169,11 +171,18 @@ def dequantize_4bit(q: QuantizedTensor, dtype=None) -> jax.Array:
     Returns:
       An array of shape ``q.shape``.
     """
+    return decode_4bit(q, block_scales(q), jnp.asarray(DECODE_4BIT[q.quant_type]), dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def decode_4bit(q: QuantizedTensor, scales: jax.Array, table: jax.Array, dtype=None) -> jax.Array:
+    """``cast(table[code] * scales[block])``: `dequantize_4bit` with the float32 block scales and the
+    16-entry code table given as arrays (so that callers can control when XLA computes them)."""
     out_dtype = q.dtype if dtype is None else jnp.dtype(dtype)
     n = q.size
     codes = unpack_codes(q.packed, n)
-    values = jnp.asarray(DECODE_4BIT[q.quant_type])[codes.astype(jnp.int32)]
+    values = table[codes.astype(jnp.int32)]
     nblocks = q.nblocks
     blocks = jnp.pad(values, (0, nblocks * q.blocksize - n)).reshape(nblocks, q.blocksize)
-    out = (blocks * block_scales(q)[:, None]).astype(out_dtype)
+    out = (blocks * scales[:, None]).astype(out_dtype)
     return out.reshape(-1)[:n].reshape(q.shape)

@@ -1,0 +1,227 @@
+"""LoraLinear against PEFT's lora.Linear: forward and gradients (fp32), rsLoRA, DoRA, dropout,
+initialisation, merge / unmerge, and parameter selection by type."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlora.nn import Linear, LoraLinear
+from tests.helpers import assert_rel_close
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _FixedMask(torch.nn.Module):
+    """Stands in for PEFT's dropout with a given (already scaled) mask, to compare train-mode runs."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask if self.training else x
+
+
+def peft_layer(base: torch.nn.Module, **lora_kwargs):
+    torch.manual_seed(0)
+    config = peft.LoraConfig(target_modules=["proj"], init_lora_weights=False, **lora_kwargs)
+    model = peft.get_peft_model(_Tiny(base), config)
+    return model, model.base_model.model.proj
+
+
+def jax_copy(peft_proj, base, **lora_kwargs) -> LoraLinear:
+    """A LoraLinear with PEFT's exact weights."""
+    layer = LoraLinear(base, init_lora_weights=False, rngs=nnx.Rngs(params=1, dropout=123), **lora_kwargs)
+    layer.lora_A[...] = jnp.asarray(peft_proj.lora_A["default"].weight.detach().numpy())
+    layer.lora_B[...] = jnp.asarray(peft_proj.lora_B["default"].weight.detach().numpy())
+    if layer.use_dora:
+        layer.lora_magnitude_vector[...] = jnp.asarray(peft_proj.lora_magnitude_vector["default"].weight.detach().numpy())
+    return layer
+
+
+def torch_linear(in_f, out_f, bias, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    base = Linear.from_weight(jnp.asarray(lin.weight.detach().numpy()), None if not bias else jnp.asarray(lin.bias.detach().numpy()))
+    return lin, base
+
+
+def grads_jax(layer: LoraLinear, x, g):
+    def loss(model, x):
+        return jnp.sum(model(x) * g)
+
+    return nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.LoRAParam), 1))(layer, x)
+
+
+VARIANTS = [
+    dict(r=4, lora_alpha=12),
+    dict(r=8, lora_alpha=16, use_rslora=True),
+    dict(r=4, lora_alpha=8, use_dora=True),
+    dict(r=2, lora_alpha=5, use_rslora=True, use_dora=True),
+]
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_gradients_match_peft(kwargs, bias):
+    in_f, out_f = 48, 40
+    lin, base = torch_linear(in_f, out_f, bias)
+    model, proj = peft_layer(lin, **kwargs)
+    layer = jax_copy(proj, base, **kwargs)
+    assert layer.scaling == pytest.approx(proj.scaling["default"], rel=1e-15)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, in_f)).astype(np.float32)
+    g = rng.standard_normal((3, 5, out_f)).astype(np.float32)
+
+    xt = torch.tensor(x, requires_grad=True)
+    out_t = model(xt)
+    (out_t * torch.tensor(g)).sum().backward()
+    out_j = layer(jnp.asarray(x))
+    assert_rel_close(out_j, out_t, 1e-6, "forward")
+
+    param_grads, x_grad = grads_jax(layer, jnp.asarray(x), jnp.asarray(g))
+    assert_rel_close(x_grad, xt.grad, 1e-6, "dL/dx")
+    assert_rel_close(param_grads["lora_A"][...], proj.lora_A["default"].weight.grad, 1e-6, "dL/dA")
+    assert_rel_close(param_grads["lora_B"][...], proj.lora_B["default"].weight.grad, 1e-6, "dL/dB")
+    if kwargs.get("use_dora"):
+        assert_rel_close(param_grads["lora_magnitude_vector"][...], proj.lora_magnitude_vector["default"].weight.grad, 1e-6, "dL/dm")
+    else:
+        assert set(param_grads.keys()) == {"lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_train_mode_dropout_matches_peft_with_the_same_mask(use_dora):
+    in_f, out_f, p = 32, 24, 0.3
+    lin, base = torch_linear(in_f, out_f, bias=True)
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=p, use_dora=use_dora)
+    model, proj = peft_layer(lin, **kwargs)
+    layer = jax_copy(proj, base, **kwargs)
+    x = np.random.default_rng(1).standard_normal((6, in_f)).astype(np.float32)
+    # The mask our layer will draw: the same dropout stream (seed 123), first call.
+    dropped = nnx.Dropout(p, rngs=nnx.Rngs(dropout=123))(jnp.ones_like(jnp.asarray(x)))
+    layer.train()
+    out_j = layer(jnp.asarray(x))
+    assert not np.allclose(np.asarray(dropped), 1.0)
+    proj.lora_dropout["default"] = _FixedMask(torch.tensor(np.asarray(dropped)))
+    model.train()
+    out_t = model(torch.tensor(x))
+    assert_rel_close(out_j, out_t, 1e-6, "train-mode forward with dropout")
+    layer.eval()
+    model.eval()
+    assert_rel_close(layer(jnp.asarray(x)), model(torch.tensor(x)), 1e-6, "eval-mode forward (dropout off)")
+    assert not np.allclose(np.asarray(layer(jnp.asarray(x))), np.asarray(out_j))
+
+
+def test_merge_with_hand_picked_weights():
+    w = jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, -1.0]])  # [out=3, in=2]
+    layer = LoraLinear(Linear.from_weight(w), r=1, lora_alpha=2, rngs=nnx.Rngs(0))  # scaling 2
+    layer.lora_A[...] = jnp.array([[1.0, 2.0]])
+    layer.lora_B[...] = jnp.array([[1.0], [0.0], [-0.5]])
+    # W + 2 * B A = W + 2 * [[1, 2], [0, 0], [-0.5, -1]]
+    expected = jnp.array([[3.0, 4.0], [0.0, 2.0], [2.0, -3.0]])
+    x = jnp.array([[1.0, 1.0], [2.0, -1.0]])
+    before = layer(x)
+    layer.merge()
+    np.testing.assert_array_equal(np.asarray(layer.base.weight[...]), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(x @ expected.T))
+    np.testing.assert_array_equal(np.asarray(before), np.asarray(x @ expected.T))
+    layer.unmerge()
+    np.testing.assert_array_equal(np.asarray(layer.base.weight[...]), np.asarray(w))
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_matches_peft_and_unmerge_restores_exactly(use_dora):
+    lin, base = torch_linear(40, 24, bias=True, seed=3)
+    kwargs = dict(r=4, lora_alpha=8, use_dora=use_dora)
+    model, proj = peft_layer(lin, **kwargs)
+    layer = jax_copy(proj, base, **kwargs)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((7, 40)).astype(np.float32))
+    unmerged_out = layer(x)
+    w0 = np.asarray(layer.base.weight[...]).copy()
+    layer.merge()
+    merged_t = model.merge_and_unload().proj.weight.detach().numpy()
+    assert_rel_close(layer.base.weight[...], merged_t, 1e-6, "merged weight vs PEFT")
+    assert_rel_close(layer(x), unmerged_out, 1e-6, "merged forward")
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    np.testing.assert_array_equal(np.asarray(layer.base.weight[...]).view(np.uint32), w0.view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(unmerged_out))
+
+
+def test_initialisation_follows_peft():
+    in_f, out_f, r = 256, 128, 16
+    base = Linear(in_f, out_f, rngs=nnx.Rngs(0))
+    default = LoraLinear(base, r=r, rngs=nnx.Rngs(1))
+    a = np.asarray(default.lora_A[...])
+    bound = 1 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)) on [r, in]
+    assert np.all(np.abs(a) <= bound) and np.abs(a).max() > 0.95 * bound
+    assert np.std(a) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert not np.any(np.asarray(default.lora_B[...]))
+    x = jnp.ones((2, in_f))
+    np.testing.assert_array_equal(np.asarray(default(x)), np.asarray(base(x)))  # a no-op at init
+
+    gaussian = LoraLinear(base, r=r, init_lora_weights="gaussian", rngs=nnx.Rngs(2))
+    assert np.std(np.asarray(gaussian.lora_A[...])) == pytest.approx(1 / r, rel=0.05)
+    assert not np.any(np.asarray(gaussian.lora_B[...]))
+
+    random_b = LoraLinear(base, r=r, init_lora_weights=False, rngs=nnx.Rngs(3))
+    b = np.asarray(random_b.lora_B[...])
+    assert np.all(np.abs(b) <= 1 / math.sqrt(r)) and np.std(b) == pytest.approx(1 / math.sqrt(r) / math.sqrt(3), rel=0.05)
+
+    dora = LoraLinear(base, r=r, use_dora=True, rngs=nnx.Rngs(4))
+    np.testing.assert_allclose(np.asarray(dora.lora_magnitude_vector[...]), np.linalg.norm(np.asarray(base.weight[...]), axis=1), rtol=1e-6)
+
+
+def test_lora_parameters_are_selected_by_type():
+    base = Linear(64, 32, use_bias=True, rngs=nnx.Rngs(0))
+    layer = LoraLinear(base, r=8, rngs=nnx.Rngs(1))
+    lora_state = nnx.state(layer, nnx.LoRAParam)
+    count = sum(v.size for v in jax.tree.leaves(lora_state))
+    assert count == 8 * (64 + 32)
+    all_params = sum(v.size for v in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+    assert all_params == count + 64 * 32 + 32  # LoRAParam is a Param subtype; the base is selectable for full FT
+
+    import optax
+
+    optimizer = nnx.Optimizer(layer, optax.sgd(0.1), wrt=nnx.LoRAParam)
+    w_before = np.asarray(base.weight[...]).copy()
+    x = jnp.ones((4, 64))
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+
+    b_before = np.asarray(layer.lora_B[...]).copy()
+    step(layer, optimizer)
+    np.testing.assert_array_equal(np.asarray(layer.base.weight[...]), w_before)  # frozen
+    assert not np.array_equal(np.asarray(layer.lora_B[...]), b_before)  # trained
+
+
+def test_bad_arguments_raise():
+    base = Linear(8, 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="rank r"):
+        LoraLinear(base, r=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="lora_dropout"):
+        LoraLinear(base, r=2, lora_dropout=1.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        LoraLinear(base, r=2, init_lora_weights="pissa", rngs=nnx.Rngs(0))

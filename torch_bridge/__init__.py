@@ -1,0 +1,5 @@
+"""torch_bridge: jaxlora <-> the Hugging Face stack (bitsandbytes 4-bit state, PEFT, transformers).
+
+Importing this package does not import torch: file formats are handled with numpy and safetensors;
+torch is imported only by the functions that build torch objects (`torch_bridge.bnb.to_bnb`, ...).
+"""
