@@ -99,19 +99,26 @@ def quant_state_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str = "wei
         state = json.loads(bytes(np.asarray(arrays[json_keys[0]], dtype=np.uint8)).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BnbStateError(f"{source}: {json_keys[0]} is not valid UTF-8 JSON: {err}") from err
+    if not isinstance(state, dict):
+        raise BnbStateError(f"{source}: {json_keys[0]} holds JSON {type(state).__name__}; expected an object")
     quant_type = state.get("quant_type")
     if quant_type not in SUPPORTED_QUANT_TYPES or json_keys[0].rsplit("__", 1)[1] != quant_type:
         raise BnbStateError(f"{source}: {json_keys[0]} has quant_type {quant_type!r}; expected 'nf4' or 'fp4' matching the key")
     blocksize = state.get("blocksize")
-    if blocksize not in SUPPORTED_BLOCKSIZES:
+    if type(blocksize) is not int or blocksize not in SUPPORTED_BLOCKSIZES:
         raise BnbStateError(f"{source}: {json_keys[0]} has blocksize {blocksize!r}; expected one of {SUPPORTED_BLOCKSIZES}")
     dtype = state.get("dtype")
     if dtype not in _DTYPE_NAMES:
         raise BnbStateError(f"{source}: {json_keys[0]} has dtype {dtype!r}; expected one of {sorted(_DTYPE_NAMES)}")
-    shape = tuple(int(d) for d in state.get("shape", ()))
+    raw_shape = state.get("shape")
+    if (
+        not isinstance(raw_shape, list)
+        or not raw_shape
+        or not all(type(d) is int and d > 0 for d in raw_shape)
+    ):
+        raise BnbStateError(f"{source}: {json_keys[0]} has shape {raw_shape!r}; expected a non-empty list of positive integers")
+    shape = tuple(raw_shape)
     n = math.prod(shape)
-    if not shape or n == 0:
-        raise BnbStateError(f"{source}: {json_keys[0]} has shape {list(shape)}; expected a non-empty shape")
     nblocks = -(-n // blocksize)
     missing = [k for k in (prefix, f"{prefix}.absmax") if k not in arrays]
     double_quant = f"{prefix}.nested_absmax" in arrays

@@ -41,16 +41,16 @@ def quantize_scales(absmax: jax.Array, offset: jax.Array | None = None):
 
     Args:
       absmax: float32 ``[nblocks]``.
-      offset: float32 scalar to subtract; defaults to ``mean(absmax)``. (bitsandbytes uses torch's
-        float32 mean; summation order can differ in the last bit, which is harmless because the
-        offset is stored.)
+      offset: float32 scalar to subtract; defaults to ``sum(absmax) / nblocks`` in float32, like
+        torch's mean (a division, not a multiplication by 1/n). Summation order can still differ
+        from torch's in the last bit, which is harmless to readers because the offset is stored.
 
     Returns:
       ``(codes uint8 [nblocks], nested_absmax float32 [ceil(nblocks/256)], offset float32 [])``.
     """
     absmax = absmax.astype(jnp.float32)
     if offset is None:
-        offset = jnp.mean(absmax)
+        offset = jnp.sum(absmax) / jnp.float32(absmax.shape[0])
     offset = jnp.asarray(offset, jnp.float32)
     centred = absmax - offset
     blocks = _blocks_of(centred, NESTED_BLOCKSIZE)

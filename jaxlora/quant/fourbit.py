@@ -115,11 +115,11 @@ def quantize_4bit(x, *, blocksize: int = 64, quant_type: str = "nf4", double_qua
       ValueError: unsupported blocksize, quant type or dtype; an empty tensor; NaN or Inf values.
     """
     _check_arguments(blocksize, quant_type)
+    # Check the dtype before jnp.asarray, which would silently turn float64 into float32.
+    dtype = jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"cannot quantize an array of dtype {dtype}; expected float32, bfloat16 or float16")
     x = jnp.asarray(x)
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"cannot quantize an array of dtype {x.dtype}; expected float32, bfloat16 or float16"
-        )
     if x.size == 0:
         raise ValueError(f"cannot quantize an empty array (shape {tuple(x.shape)}); it needs at least one element")
     packed, absmax, nested_absmax, offset, all_finite = _quantize_core(

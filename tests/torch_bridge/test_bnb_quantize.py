@@ -70,6 +70,8 @@ def cases(count: int, seed: int):
         if dtype == "float16" and kind == "tiny":
             kind = "normal"  # 1e-30 underflows in fp16
         shape = [(int(rng.integers(1, 9000)),), (int(rng.integers(1, 90)), int(rng.integers(1, 130)))][i % 2]
+        if i % 8 == 5:
+            shape = (int(rng.integers(2, 40)), 16 * int(rng.integers(1, 12)))  # rows that straddle blocks
         out.append(pytest.param(shape, dtype, blocksize, quant_type, kind, i, id=f"{i}-{quant_type}-{dtype}-b{blocksize}-{kind}-{'x'.join(map(str, shape))}"))
     return out
 
@@ -87,12 +89,24 @@ def quantize_both(shape, dtype, blocksize, quant_type, kind, seed, device, doubl
     return x.reshape(-1), packed_b.cpu(), state_b, q
 
 
-def bnb_cpu_uses_generic_dequantize(shape, blocksize) -> bool:
-    """bitsandbytes' CPU dequantizer falls back to its generic PyTorch code for odd last dimensions,
-    and for blocksize >= 2048 on AVX512 machines; otherwise it runs a native kernel."""
-    from bitsandbytes.backends.cpu import ops as cpu_ops
+def bnb_reference_dequantize(packed_b, state_b, device):
+    """bitsandbytes' dequantization of its own state.
 
-    return shape[-1] % 2 != 0 or (getattr(cpu_ops, "_has_avx512", False) and blocksize >= 2048)
+    On CPU, bitsandbytes 0.50.2's native kernel applies the wrong block scales when rows are not a
+    whole number of blocks (e.g. shape (30, 96) at blocksize 64: max error 2.0 on N(0,1) data). For
+    those shapes the reference is bitsandbytes' generic PyTorch implementation of the same formula.
+    """
+    shape = tuple(state_b.shape)
+    if device == "cpu" and len(shape) >= 2 and shape[-1] % state_b.blocksize != 0:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+        absmax = state_b.absmax
+        if state_b.nested:
+            absmax = bnbF.dequantize_blockwise(state_b.absmax, state_b.state2) + state_b.offset
+        out = _dequantize_4bit_compute(packed_b.reshape(-1), absmax.float(), state_b.code, state_b.blocksize, shape, state_b.dtype)
+    else:
+        out = bnbF.dequantize_4bit(packed_b.to(device), state_b)
+    return out.cpu().float().numpy().reshape(-1)
 
 
 def classify_cpu_mismatch(quant_type, ours, theirs, x, absmax_of_elem, last_partial):
@@ -199,7 +213,7 @@ def test_dequantize_of_bitsandbytes_state_is_bit_identical(shape, dtype, blocksi
     """Our dequantizer reads bitsandbytes' codes and scales and gives its exact output."""
     for double_quant in (False, True):
         x, packed_b, state_b, _ = quantize_both(shape, dtype, blocksize, quant_type, kind, seed, torch_device, double_quant)
-        expected = bnbF.dequantize_4bit(packed_b.to(torch_device), state_b).cpu().float().numpy().reshape(-1)
+        expected = bnb_reference_dequantize(packed_b, state_b, torch_device)
         q = QuantizedTensor(
             jnp.asarray(packed_b.numpy().reshape(-1)),
             jnp.asarray(state_b.absmax.cpu().numpy()),
@@ -212,12 +226,15 @@ def test_dequantize_of_bitsandbytes_state_is_bit_identical(shape, dtype, blocksi
         )
         ours = np.asarray(dequantize_4bit(q).astype(jnp.float32)).reshape(-1)
         differ = np.nonzero(ours.view(np.uint32) != expected.view(np.uint32))[0]
-        if differ.size and torch_device == "cpu" and quant_type == "fp4" and bnb_cpu_uses_generic_dequantize(shape, blocksize):
-            # bitsandbytes' generic CPU path decodes FP4 code 8 from the stored table (+0.0); its
-            # native CPU and CUDA kernels, and jaxlora, give -0.0. Equal values, other sign bit.
+        if differ.size and torch_device == "cpu" and quant_type == "fp4":
+            # FP4 code 8 is "-0": bitsandbytes' CUDA kernel and scalar CPU kernel decode it as -0.0, as
+            # jaxlora does; its generic and AVX512 CPU paths read the stored table, +0.0. Equal values,
+            # other sign bit, and nothing else may differ.
+            # (With double quantization a reconstructed scale can be negative, flipping both signs.)
             codes = np.asarray(unpack_codes(q.packed, q.size))
             assert np.all(codes[differ] == 8)
-            assert np.all(np.signbit(ours[differ])) and np.all(expected[differ] == 0) and not np.any(np.signbit(expected[differ]))
+            assert np.all(ours[differ] == 0) and np.all(expected[differ] == 0)
+            assert np.all((ours[differ].view(np.uint32) ^ expected[differ].view(np.uint32)) == 0x80000000)
             continue
         assert differ.size == 0, f"{differ.size} values differ from bitsandbytes' dequantization, first at {differ[:5]}"
 
@@ -256,13 +273,15 @@ def test_double_quantization_matches_bitsandbytes(shape, dtype, blocksize, quant
         assert abs(rec[e] - rec_b[e]) <= step * (1 + 1e-6)
     same = np.ones(codes_b.shape, bool)
     same[differ] = False
-    # XLA flushes subnormal float32 results to zero; only the CPU's 1e-38 clamp produces such a scale.
+    # XLA's CPU backend flushes subnormal float32 results to zero (its GPU backend keeps them); only the
+    # CPU's 1e-38 clamp produces such a scale.
     rec_bnb = (bnbF.dequantize_blockwise(state_b.absmax, state_b.state2).cpu().numpy() + offset_b).astype(np.float32)
     subnormal = (np.abs(rec_bnb) < np.finfo(np.float32).tiny) & (rec_bnb != 0)
-    assert np.all(rec[same & subnormal] == 0)
+    assert np.all((rec[same & subnormal] == 0) | (rec[same & subnormal] == rec_bnb[same & subnormal]))
     same &= ~subnormal
     np.testing.assert_array_equal(rec[same].view(np.uint32), rec_b[same].view(np.uint32))
     # bitsandbytes' reconstruction (its dequantize_blockwise) equals ours bit for bit.
     np.testing.assert_array_equal(rec_b[~subnormal].view(np.uint32), rec_bnb[~subnormal].view(np.uint32))
+    assert np.all((rec_b[subnormal] == 0) | (rec_b[subnormal] == rec_bnb[subnormal]))
     # Nibbles are the same with or without double quantization.
     np.testing.assert_array_equal(np.asarray(q.packed), np.asarray(quantize_4bit(jnp.asarray(x.reshape(shape)).astype(JAX_DTYPES[dtype]), blocksize=blocksize, quant_type=quant_type).packed))
