@@ -7,13 +7,14 @@ keep the dequantized ``W`` (4x-8x the size of ``W_q``) alive from the forward to
 which is exactly what QLoRA must avoid. `quantized_matmul` is a custom VJP whose residual is the
 quantized tensor itself; the backward pass dequantizes again.
 
-Two XLA behaviours would undo that, and both are blocked by making each dequantization depend on
-the data it is used with (the code table and the block scales are multiplied by ``1 + 0 * x[0]``
-in the forward, ``1 + 0 * g[0]`` in the backward): a weight dequantization depends on no activation, so XLA is free to schedule the
-dequantizations of all layers at the start of the program, and common-subexpression elimination
-merges the backward's dequantization with the forward's, which brings the long-lived copy back.
-(``optimization_barrier`` does not prevent either on XLA's CPU backend; measured in
-tests/nn/test_linear4bit.py.) Multiplying by that exact 1.0 changes no bit for finite inputs.
+Two XLA behaviours would undo that: a weight dequantization depends on no activation, so XLA is
+free to schedule the dequantizations of all layers at the start of the program; and
+common-subexpression elimination merges the backward's dequantization with the forward's. Either
+brings the long-lived dense copies back. Both are blocked by making each dequantization depend on
+the data it is used with: the code table and the block scales are multiplied by ``1 + 0 * x[0]`` in
+the forward and ``1 + 0 * g[0]`` in the backward, an exact 1.0 that changes no bit for finite
+inputs (a non-finite ``x[0]`` or ``g[0]`` turns the result into NaN). ``optimization_barrier`` does
+not prevent either on XLA's CPU backend; tests/nn/test_linear4bit.py measures the peak memory.
 """
 
 from __future__ import annotations
