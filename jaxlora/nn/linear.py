@@ -78,7 +78,8 @@ class Linear(nnx.Module):
         return w if dtype is None else w.astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.weight[...].T
+        # The activation dtype is the compute dtype: the weight is cast to it (a no-op when equal).
+        y = x @ self.weight[...].astype(x.dtype).T
         if self.bias is not None:
-            y = y + broadcast_last(self.bias[...], y.ndim)
+            y = y + broadcast_last(self.bias[...].astype(y.dtype), y.ndim)
         return y

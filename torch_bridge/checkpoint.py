@@ -1,0 +1,197 @@
+"""Hugging Face Llama checkpoints <-> jaxlora models, with safetensors' numpy API (no torch).
+
+`load_llama` reads ``config.json`` and ``model.safetensors`` (or a sharded set with
+``model.safetensors.index.json``), one tensor at a time; with ``quantize="nf4"``/``"fp4"`` each
+decoder projection is quantized as soon as it is read, so the full-precision model never exists in
+memory. A bitsandbytes pre-quantized checkpoint (formats.md C.3) loads its 4-bit tensors as stored.
+`save_llama` writes the inverse, sharded with an index above ``max_shard_size``, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxlora.models import LlamaConfig, LlamaForCausalLM
+from jaxlora.nn import Linear, Linear4bit
+from jaxlora.quant import quantize_4bit
+from torch_bridge.bnb_state import quant_state_from_arrays
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# The decoder projections that QLoRA quantizes (not embeddings, norms or lm_head).
+QUANTIZABLE = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed, or does not match the model it should build."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: not found") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of a single-file or sharded safetensors checkpoint, as numpy."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.directory = directory
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+        elif single.exists():
+            files, weight_map = ["model.safetensors"], None
+        else:
+            raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
+        self._handles = {}
+        for name in files:
+            try:
+                self._handles[name] = safe_open(str(directory / name), framework="numpy")
+            except Exception as err:  # safetensors raises its own error types for truncated/malformed files
+                raise CheckpointError(f"{directory / name}: cannot be read as safetensors ({err})") from err
+        if weight_map is None:
+            weight_map = {key: "model.safetensors" for key in self._handles["model.safetensors"].keys()}
+        else:
+            for key, name in weight_map.items():
+                if key not in self._handles[name].keys():
+                    raise CheckpointError(f"{directory / name}: the index lists '{key}' but the file does not hold it")
+        self.weight_map = weight_map
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def get(self, key: str) -> np.ndarray:
+        name = self.weight_map.get(key)
+        if name is None:
+            raise CheckpointError(f"{self.directory}: no tensor '{key}'")
+        try:
+            return self._handles[name].get_tensor(key)
+        except Exception as err:
+            raise CheckpointError(f"{self.directory / name}: tensor '{key}' cannot be read ({err})") from err
+
+
+def _set_path(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
+    parent = model
+    for part in path[:-1]:
+        parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+    last = path[-1]
+    if isinstance(last, int):
+        parent[last] = module
+    else:
+        setattr(parent, last, module)
+
+
+def build_llama(
+    config: LlamaConfig,
+    get_array: Callable[[str], np.ndarray],
+    available: Callable[[str], bool],
+    *,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype=None,
+    source: str = "checkpoint",
+) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` whose parameters come from ``get_array(hf_key)``, one tensor at a time.
+
+    Decoder projections are quantized on the fly with ``quantize``; keys that are stored in
+    bitsandbytes' 4-bit form (``<key>.quant_state.bitsandbytes__*`` present) load as stored.
+    """
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+    if quantize not in (None, "nf4", "fp4"):
+        raise CheckpointError(f"quantize {quantize!r} is not supported; expected None, 'nf4' or 'fp4'")
+    compute = jnp.dtype(compute_dtype or dtype)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=jnp.dtype(dtype), compute_dtype=compute, rngs=nnx.Rngs(0)))
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key = ".".join(str(p) for p in path)
+        expected = tuple(variable.shape)
+        module_path = path[:-1]
+        if QUANTIZABLE.match(key) and any(available(f"{key}.quant_state.bitsandbytes__{t}") for t in ("nf4", "fp4")):
+            prefix_arrays = {k: get_array(k) for k in _bnb_keys(key, available)}
+            q = quant_state_from_arrays(prefix_arrays, key, source=source)
+            if q.shape != expected:
+                raise CheckpointError(f"{source}: {key} is stored 4-bit with shape {q.shape}; the config needs {expected}")
+            _set_path(model, module_path, Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
+            continue
+        if not available(key):
+            raise CheckpointError(f"{source}: missing tensor '{key}' (shape {expected}) for module '{'.'.join(map(str, module_path))}'")
+        array = get_array(key)
+        if tuple(array.shape) != expected:
+            raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(array.shape)}; the config needs {expected}")
+        array = np.asarray(array).astype(DTYPES[dtype], copy=False)
+        if quantize is not None and QUANTIZABLE.match(key):
+            q = quantize_4bit(jnp.asarray(array), blocksize=blocksize, quant_type=quantize, double_quant=double_quant)
+            _set_path(model, module_path, Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
+            continue
+        variable.set_value(jnp.asarray(array))
+    return model
+
+
+def _bnb_keys(key: str, available) -> list[str]:
+    suffixes = ["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"]
+    return [key + s for s in suffixes if available(key + s)]
+
+
+def _bias_of(weight_key: str, get_array, available):
+    bias_key = weight_key[: -len("weight")] + "bias"
+    return jnp.asarray(get_array(bias_key)) if available(bias_key) else None
+
+
+def load_llama(path, *, dtype: str = "float32", quantize: str | None = None, double_quant: bool = True,
+               blocksize: int = 64, compute_dtype=None) -> LlamaForCausalLM:
+    """Load a Hugging Face Llama directory (config.json + safetensors) as a jaxlora model.
+
+    Args:
+      path: the checkpoint directory.
+      dtype: parameter dtype, "float32" (default), "bfloat16" or "float16"; tensors are converted.
+      quantize: None, "nf4" or "fp4": quantize the decoder projections while loading (QLoRA).
+      double_quant, blocksize: quantization settings (QLoRA's defaults: True, 64).
+      compute_dtype: activation dtype (default: ``dtype``).
+
+    Raises:
+      CheckpointError / ConfigError naming the file, key and shapes.
+    """
+    directory = Path(path)
+    config_dict = _read_json(directory / "config.json")
+    config = LlamaConfig.from_hf_dict(config_dict, source=str(directory / "config.json"))
+    reader = SafetensorsReader(directory)
+    consumed: set[str] = set()
+
+    def get_array(key: str) -> np.ndarray:
+        consumed.add(key)
+        return reader.get(key)
+
+    model = build_llama(config, get_array, reader.__contains__, dtype=dtype, quantize=quantize,
+                        double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype, source=str(directory))
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unused = sorted(k for k in reader.keys() if k not in consumed and k not in ignorable and "rotary_emb.inv_freq" not in k)
+    if unused:
+        raise CheckpointError(f"{directory}: {len(unused)} tensors match no parameter of the model, e.g. {unused[:5]}")
+    return model
+
+
+__all__ = ["CheckpointError", "SafetensorsReader", "build_llama", "load_llama"]
