@@ -3,3 +3,8 @@
 Importing this package does not import torch: file formats are handled with numpy and safetensors;
 torch is imported only by the functions that build torch objects (`torch_bridge.bnb.to_bnb`, ...).
 """
+
+from torch_bridge.checkpoint import CheckpointError, load_llama
+from torch_bridge.checkpoint_writer import save_llama
+
+__all__ = ["CheckpointError", "load_llama", "save_llama"]
