@@ -1,11 +1,13 @@
-"""LoRA: a frozen base linear layer plus a trainable low-rank update, with PEFT's exact semantics.
+"""LoRA: a frozen base linear layer plus trainable low-rank updates, with PEFT's exact semantics.
 
     y = base(x) + s * (dropout(x) A^T) B^T,   s = lora_alpha / r   (rsLoRA: lora_alpha / sqrt(r))
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685); rsLoRA:
 Kalajdzievski, arXiv:2312.03732; DoRA: Liu et al., arXiv:2402.09353. Names, shapes and
-initialisation follow PEFT (formats.md A.4-A.8): ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``,
-``lora_magnitude_vector`` ``[out]`` for DoRA.
+initialisation follow PEFT (formats.md A.4-A.8), including its in-memory layout with named
+adapters: ``lora_A[name]`` ``[r, in]``, ``lora_B[name]`` ``[out, r]``, and for DoRA
+``lora_magnitude_vector[name]`` ``[out]``. One adapter is active at a time (`set_adapter`), and
+adapters can be disabled for a forward pass (``disable_adapters = True``).
 
 The base is any layer with ``in_features``, ``out_features``, ``dense_weight(dtype)`` and an
 optional ``bias``: `jaxlora.nn.Linear` (LoRA) or `jaxlora.nn.Linear4bit` (QLoRA). The LoRA
@@ -35,10 +37,11 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 
 
 class LoraLinear(nnx.Module):
-    """A base linear layer with a LoRA adapter (PEFT's ``lora.Linear`` / ``lora.Linear4bit``).
+    """A base linear layer with LoRA adapters (PEFT's ``lora.Linear`` / ``lora.Linear4bit``).
 
     Args:
       base: the frozen layer, ``Linear`` or ``Linear4bit``.
+      adapter_name: name of the first adapter (default "default"); more via `add_adapter`.
       r: rank (> 0).
       lora_alpha: scaling numerator (default 8, as PEFT).
       lora_dropout: dropout rate on the LoRA input (default 0.0); active in ``model.train()`` mode.
@@ -52,33 +55,40 @@ class LoraLinear(nnx.Module):
     Shapes: x ``[..., in_features]`` -> ``[..., out_features]`` (the base's output dtype).
     """
 
-    def __init__(
-        self,
-        base: Linear | Linear4bit,
-        *,
-        r: int,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init_lora_weights: InitLoraWeights = True,
-        lora_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, base: Linear | Linear4bit, *, adapter_name: str = "default", r: int, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
+                 init_lora_weights: InitLoraWeights = True, lora_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_dtype = jnp.dtype(lora_dtype)
+        self.lora_A = nnx.Dict()
+        self.lora_B = nnx.Dict()
+        self.lora_magnitude_vector = nnx.Dict()
+        self.lora_dropout = nnx.Dict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.active_adapter = adapter_name
+        self.disable_adapters = False
+        self.merged = False
+        self.unmerged_base = nnx.data(None)
+        self.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                         use_dora=use_dora, init_lora_weights=init_lora_weights, rngs=rngs)
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, *, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, use_dora: bool = False, init_lora_weights: InitLoraWeights = True,
+                    rngs: nnx.Rngs) -> None:
+        """Create adapter ``name`` (arguments as in the constructor); the active adapter is unchanged."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
-        self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.use_rslora = use_rslora
-        self.use_dora = use_dora
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        self.lora_dtype = jnp.dtype(lora_dtype)
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists; adapters: {list(self.lora_A.keys())}")
         shape_a, shape_b = (r, self.in_features), (self.out_features, r)
         if init_lora_weights == "gaussian":
             a = jax.random.normal(rngs.params(), shape_a, self.lora_dtype) / r
@@ -88,25 +98,53 @@ class LoraLinear(nnx.Module):
             b = torch_linear_uniform(rngs.params(), shape_b, r, self.lora_dtype)
         else:
             b = jnp.zeros(shape_b, self.lora_dtype)
-        self.lora_A = nnx.LoRAParam(a)
-        self.lora_B = nnx.LoRAParam(b)
-        self.lora_dropout = nnx.data(nnx.Dropout(lora_dropout, rngs=rngs) if lora_dropout > 0 else None)
-        # nnx.data: these attributes may switch between None and a variable/module later.
-        self.lora_magnitude_vector = nnx.data(None)
+        self.lora_A[name] = nnx.LoRAParam(a)
+        self.lora_B[name] = nnx.LoRAParam(b)
+        if lora_dropout > 0:
+            self.lora_dropout[name] = nnx.Dropout(lora_dropout, rngs=rngs)
+        # New dict objects (not in-place updates): these are static attributes of the module.
+        self.r = {**self.r, name: r}
+        self.lora_alpha = {**self.lora_alpha, name: lora_alpha}
+        self.scaling = {**self.scaling, name: lora_scaling(r, lora_alpha, use_rslora)}
+        self.use_dora = {**self.use_dora, name: use_dora}
         if use_dora:
-            self.lora_magnitude_vector = nnx.LoRAParam(self._weight_norm())
-        self.merged = False
-        self.unmerged_base = nnx.data(None)
+            self.lora_magnitude_vector[name] = nnx.LoRAParam(self._weight_norm(name))
+
+    def set_adapter(self, name: str) -> None:
+        """Make adapter ``name`` the one that runs (and trains)."""
+        if name not in self.lora_A:
+            raise ValueError(f"adapter {name!r} not found; adapters: {list(self.lora_A.keys())}")
+        if self.merged:
+            raise ValueError("cannot switch adapters while merged; call unmerge() first")
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; the active adapter cannot be deleted while others exist."""
+        if name not in self.lora_A:
+            raise ValueError(f"adapter {name!r} not found; adapters: {list(self.lora_A.keys())}")
+        if name == self.active_adapter:
+            raise ValueError(f"adapter {name!r} is active; set_adapter() to another one before deleting it")
+        for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
+            if name in table:
+                del table[name]
+        self.r, self.lora_alpha, self.scaling, self.use_dora = (
+            {k: v for k, v in d.items() if k != name} for d in (self.r, self.lora_alpha, self.scaling, self.use_dora)
+        )
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
 
     # -- the math ------------------------------------------------------------------------------
-    def delta_weight(self) -> jax.Array:
+    def delta_weight(self, name: str | None = None) -> jax.Array:
         """``s * B @ A``, ``[out, in]``, in the adapter dtype."""
-        return self.scaling * (self.lora_B[...] @ self.lora_A[...])
+        name = name or self.active_adapter
+        return self.scaling[name] * (self.lora_B[name][...] @ self.lora_A[name][...])
 
-    def _weight_norm(self) -> jax.Array:
+    def _weight_norm(self, name: str) -> jax.Array:
         """Row norms of ``W + s B A`` (DoRA's denominator), with no gradient through them."""
         w = self.base.dense_weight(self.lora_dtype)
-        direction = w + self.scaling * jax.lax.stop_gradient(self.lora_B[...] @ self.lora_A[...])
+        direction = w + self.scaling[name] * jax.lax.stop_gradient(self.lora_B[name][...] @ self.lora_A[name][...])
         return jax.lax.stop_gradient(jnp.linalg.norm(direction, axis=1))
 
     def _bias(self):
@@ -114,17 +152,19 @@ class LoraLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         result = self.base(x)
-        if self.merged:
+        if self.merged or self.disable_adapters:
             return result
+        name = self.active_adapter
+        scaling = self.scaling[name]
         lora_x = x.astype(self.lora_dtype)
-        dropped = self.lora_dropout(lora_x) if self.lora_dropout is not None else lora_x
-        lora_out = (dropped @ self.lora_A[...].T) @ self.lora_B[...].T
-        if not self.use_dora:
-            return result + (lora_out * self.scaling).astype(result.dtype)
+        dropout = self.lora_dropout[name] if name in self.lora_dropout else None
+        dropped = dropout(lora_x) if dropout is not None else lora_x
+        lora_out = (dropped @ self.lora_A[name][...].T) @ self.lora_B[name][...].T
+        if not self.use_dora[name]:
+            return result + (lora_out * scaling).astype(result.dtype)
         # DoRA (formats.md A.8): base_out + (m/n - 1) * x W^T + (m/n) * s * x A^T B^T, n detached.
-        mag_norm_scale = broadcast_last(self.lora_magnitude_vector[...] / self._weight_norm(), x.ndim)
-        dropout_active = self.lora_dropout is not None and not self.lora_dropout.deterministic
-        if dropout_active:
+        mag_norm_scale = broadcast_last(self.lora_magnitude_vector[name][...] / self._weight_norm(name), x.ndim)
+        if dropout is not None and not dropout.deterministic:
             # PEFT recomputes the base product on the dropped input; the base layer's own forward keeps
             # QLoRA's memory property (no dense weight saved for the backward pass).
             base_out = self.base(dropped.astype(x.dtype)).astype(self.lora_dtype)
@@ -133,22 +173,23 @@ class LoraLinear(nnx.Module):
         bias = self._bias()
         if bias is not None:
             base_out = base_out - broadcast_last(bias.astype(self.lora_dtype), base_out.ndim)
-        dora = (mag_norm_scale - 1) * base_out + mag_norm_scale * lora_out * self.scaling
+        dora = (mag_norm_scale - 1) * base_out + mag_norm_scale * lora_out * scaling
         return result + dora.astype(result.dtype)
 
     # -- merging -------------------------------------------------------------------------------
-    def merged_weight(self) -> jax.Array:
-        """The dense ``[out, in]`` weight with the adapter folded in, in float32 (or the adapter dtype).
+    def merged_weight(self, name: str | None = None) -> jax.Array:
+        """The dense ``[out, in]`` weight with adapter ``name`` (default: the active one) folded in.
 
-        LoRA: ``W + s B A``. DoRA: ``(m / ||W + s B A||_row)[:, None] * (W + s B A)``.
+        LoRA: ``W + s B A``. DoRA: ``(m / ||W + s B A||_row)[:, None] * (W + s B A)``. In the adapter dtype.
         """
-        w = self.base.dense_weight(self.lora_dtype) + self.delta_weight()
-        if self.use_dora:
-            w = (self.lora_magnitude_vector[...] / jnp.linalg.norm(w, axis=1))[:, None] * w
+        name = name or self.active_adapter
+        w = self.base.dense_weight(self.lora_dtype) + self.delta_weight(name)
+        if self.use_dora[name]:
+            w = (self.lora_magnitude_vector[name][...] / jnp.linalg.norm(w, axis=1))[:, None] * w
         return w
 
     def merge(self, *, requantize: bool = True) -> None:
-        """Fold the adapter into the base weight; the forward pass then runs the base alone.
+        """Fold the active adapter into the base weight; the forward pass then runs the base alone.
 
         Full-precision base: ``W <- W + s B A`` computed in float32 and cast to W's dtype.
         4-bit base: like PEFT with bitsandbytes, the weight is dequantized, merged, and re-quantized

@@ -124,8 +124,8 @@ def test_qlora_gradients_flow_to_lora_only():
     w_dq = dequantize_4bit(base.quantized, jnp.float32)
 
     def dense_loss(a, b):
-        return jnp.sum((x @ w_dq.T + layer.scaling * (x @ a.T) @ b.T) ** 2)
+        return jnp.sum((x @ w_dq.T + layer.scaling["default"] * (x @ a.T) @ b.T) ** 2)
 
-    ga, gb = jax.grad(dense_loss, argnums=(0, 1))(layer.lora_A[...], layer.lora_B[...])
-    assert_rel_close(grads["lora_A"][...], ga, 1e-6, "dL/dA")
-    assert_rel_close(grads["lora_B"][...], gb, 1e-6, "dL/dB")
+    ga, gb = jax.grad(dense_loss, argnums=(0, 1))(layer.lora_A["default"][...], layer.lora_B["default"][...])
+    assert_rel_close(grads["lora_A"]["default"][...], ga, 1e-6, "dL/dA")
+    assert_rel_close(grads["lora_B"]["default"][...], gb, 1e-6, "dL/dB")

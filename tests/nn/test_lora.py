@@ -48,10 +48,10 @@ def peft_layer(base: torch.nn.Module, **lora_kwargs):
 def jax_copy(peft_proj, base, **lora_kwargs) -> LoraLinear:
     """A LoraLinear with PEFT's exact weights."""
     layer = LoraLinear(base, init_lora_weights=False, rngs=nnx.Rngs(params=1, dropout=123), **lora_kwargs)
-    layer.lora_A[...] = jnp.asarray(peft_proj.lora_A["default"].weight.detach().numpy())
-    layer.lora_B[...] = jnp.asarray(peft_proj.lora_B["default"].weight.detach().numpy())
-    if layer.use_dora:
-        layer.lora_magnitude_vector[...] = jnp.asarray(peft_proj.lora_magnitude_vector["default"].weight.detach().numpy())
+    layer.lora_A["default"][...] = jnp.asarray(peft_proj.lora_A["default"].weight.detach().numpy())
+    layer.lora_B["default"][...] = jnp.asarray(peft_proj.lora_B["default"].weight.detach().numpy())
+    if layer.use_dora["default"]:
+        layer.lora_magnitude_vector["default"][...] = jnp.asarray(peft_proj.lora_magnitude_vector["default"].weight.detach().numpy())
     return layer
 
 
@@ -84,7 +84,7 @@ def test_forward_and_gradients_match_peft(kwargs, bias):
     lin, base = torch_linear(in_f, out_f, bias)
     model, proj = peft_layer(lin, **kwargs)
     layer = jax_copy(proj, base, **kwargs)
-    assert layer.scaling == pytest.approx(proj.scaling["default"], rel=1e-15)
+    assert layer.scaling["default"] == pytest.approx(proj.scaling["default"], rel=1e-15)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 5, in_f)).astype(np.float32)
     g = rng.standard_normal((3, 5, out_f)).astype(np.float32)
@@ -97,12 +97,12 @@ def test_forward_and_gradients_match_peft(kwargs, bias):
 
     param_grads, x_grad = grads_jax(layer, jnp.asarray(x), jnp.asarray(g))
     assert_rel_close(x_grad, xt.grad, 1e-6, "dL/dx")
-    assert_rel_close(param_grads["lora_A"][...], proj.lora_A["default"].weight.grad, 1e-6, "dL/dA")
-    assert_rel_close(param_grads["lora_B"][...], proj.lora_B["default"].weight.grad, 1e-6, "dL/dB")
+    assert_rel_close(param_grads["lora_A"]["default"][...], proj.lora_A["default"].weight.grad, 1e-6, "dL/dA")
+    assert_rel_close(param_grads["lora_B"]["default"][...], proj.lora_B["default"].weight.grad, 1e-6, "dL/dB")
     if kwargs.get("use_dora"):
-        assert_rel_close(param_grads["lora_magnitude_vector"][...], proj.lora_magnitude_vector["default"].weight.grad, 1e-6, "dL/dm")
+        assert_rel_close(param_grads["lora_magnitude_vector"]["default"][...], proj.lora_magnitude_vector["default"].weight.grad, 1e-6, "dL/dm")
     else:
-        assert set(param_grads.keys()) == {"lora_A", "lora_B"}
+        assert set(param_grads.keys()) == {"lora_A", "lora_B"} and "default" in param_grads["lora_A"]
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -131,8 +131,8 @@ def test_train_mode_dropout_matches_peft_with_the_same_mask(use_dora):
 def test_merge_with_hand_picked_weights():
     w = jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, -1.0]])  # [out=3, in=2]
     layer = LoraLinear(Linear.from_weight(w), r=1, lora_alpha=2, rngs=nnx.Rngs(0))  # scaling 2
-    layer.lora_A[...] = jnp.array([[1.0, 2.0]])
-    layer.lora_B[...] = jnp.array([[1.0], [0.0], [-0.5]])
+    layer.lora_A["default"][...] = jnp.array([[1.0, 2.0]])
+    layer.lora_B["default"][...] = jnp.array([[1.0], [0.0], [-0.5]])
     # W + 2 * B A = W + 2 * [[1, 2], [0, 0], [-0.5, -1]]
     expected = jnp.array([[3.0, 4.0], [0.0, 2.0], [2.0, -3.0]])
     x = jnp.array([[1.0, 1.0], [2.0, -1.0]])
@@ -171,24 +171,24 @@ def test_initialisation_follows_peft():
     in_f, out_f, r = 256, 128, 16
     base = Linear(in_f, out_f, rngs=nnx.Rngs(0))
     default = LoraLinear(base, r=r, rngs=nnx.Rngs(1))
-    a = np.asarray(default.lora_A[...])
+    a = np.asarray(default.lora_A["default"][...])
     bound = 1 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)) on [r, in]
     assert np.all(np.abs(a) <= bound) and np.abs(a).max() > 0.95 * bound
     assert np.std(a) == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    assert not np.any(np.asarray(default.lora_B[...]))
+    assert not np.any(np.asarray(default.lora_B["default"][...]))
     x = jnp.ones((2, in_f))
     np.testing.assert_array_equal(np.asarray(default(x)), np.asarray(base(x)))  # a no-op at init
 
     gaussian = LoraLinear(base, r=r, init_lora_weights="gaussian", rngs=nnx.Rngs(2))
-    assert np.std(np.asarray(gaussian.lora_A[...])) == pytest.approx(1 / r, rel=0.05)
-    assert not np.any(np.asarray(gaussian.lora_B[...]))
+    assert np.std(np.asarray(gaussian.lora_A["default"][...])) == pytest.approx(1 / r, rel=0.05)
+    assert not np.any(np.asarray(gaussian.lora_B["default"][...]))
 
     random_b = LoraLinear(base, r=r, init_lora_weights=False, rngs=nnx.Rngs(3))
-    b = np.asarray(random_b.lora_B[...])
+    b = np.asarray(random_b.lora_B["default"][...])
     assert np.all(np.abs(b) <= 1 / math.sqrt(r)) and np.std(b) == pytest.approx(1 / math.sqrt(r) / math.sqrt(3), rel=0.05)
 
     dora = LoraLinear(base, r=r, use_dora=True, rngs=nnx.Rngs(4))
-    np.testing.assert_allclose(np.asarray(dora.lora_magnitude_vector[...]), np.linalg.norm(np.asarray(base.weight[...]), axis=1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dora.lora_magnitude_vector["default"][...]), np.linalg.norm(np.asarray(base.weight[...]), axis=1), rtol=1e-6)
 
 
 def test_lora_parameters_are_selected_by_type():
@@ -211,10 +211,10 @@ def test_lora_parameters_are_selected_by_type():
         grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
         optimizer.update(model, grads)
 
-    b_before = np.asarray(layer.lora_B[...]).copy()
+    b_before = np.asarray(layer.lora_B["default"][...]).copy()
     step(layer, optimizer)
     np.testing.assert_array_equal(np.asarray(layer.base.weight[...]), w_before)  # frozen
-    assert not np.array_equal(np.asarray(layer.lora_B[...]), b_before)  # trained
+    assert not np.array_equal(np.asarray(layer.lora_B["default"][...]), b_before)  # trained
 
 
 def test_bad_arguments_raise():
@@ -225,3 +225,33 @@ def test_bad_arguments_raise():
         LoraLinear(base, r=2, lora_dropout=1.5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="init_lora_weights"):
         LoraLinear(base, r=2, init_lora_weights="pissa", rngs=nnx.Rngs(0))
+
+
+def test_named_adapters_add_set_disable_delete():
+    base = Linear(16, 8, rngs=nnx.Rngs(0))
+    layer = LoraLinear(base, r=2, init_lora_weights=False, rngs=nnx.Rngs(1))
+    layer.add_adapter("other", r=4, lora_alpha=16, init_lora_weights=False, rngs=nnx.Rngs(2))
+    assert layer.adapter_names == ["default", "other"] and layer.active_adapter == "default"
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32))
+
+    def expected(name):
+        a, b = layer.lora_A[name][...], layer.lora_B[name][...]
+        return base(x) + layer.scaling[name] * (x @ a.T) @ b.T
+
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(expected("default")), rtol=1e-6)
+    layer.set_adapter("other")
+    assert layer.scaling["other"] == 4.0
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(expected("other")), rtol=1e-6)
+    layer.disable_adapters = True
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(base(x)))
+    layer.disable_adapters = False
+    with pytest.raises(ValueError, match="is active"):
+        layer.delete_adapter("other")
+    layer.set_adapter("default")
+    layer.delete_adapter("other")
+    assert layer.adapter_names == ["default"] and "other" not in layer.scaling
+    assert set(nnx.state(layer, nnx.LoRAParam)["lora_A"].keys()) == {"default"}
+    with pytest.raises(ValueError, match="not found"):
+        layer.set_adapter("other")
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_adapter("default", r=2, rngs=nnx.Rngs(0))

@@ -67,20 +67,20 @@ def test_qlora_matches_bitsandbytes_and_peft(quant_type, double_quant, compute_d
     q = quantize_4bit(jnp.asarray(w), quant_type=quant_type, double_quant=double_quant)
     model, proj = bnb_qlora(q, bias, compute_dtype, torch_device, **lora)
     layer = LoraLinear(Linear4bit(q, jnp.asarray(bias), compute_dtype=compute_dtype), init_lora_weights=False, rngs=nnx.Rngs(0), **lora)
-    layer.lora_A[...] = jnp.asarray(proj.lora_A["default"].weight.detach().cpu().numpy())
-    layer.lora_B[...] = jnp.asarray(proj.lora_B["default"].weight.detach().cpu().numpy())
+    layer.lora_A["default"][...] = jnp.asarray(proj.lora_A["default"].weight.detach().cpu().numpy())
+    layer.lora_B["default"][...] = jnp.asarray(proj.lora_B["default"].weight.detach().cpu().numpy())
     if lora.get("use_dora"):
         m = proj.lora_magnitude_vector["default"].weight.detach().cpu().numpy()
         if compute_dtype == jnp.float32:
-            assert_rel_close(layer._weight_norm(), m, 1e-6, "DoRA initial magnitude")
+            assert_rel_close(layer._weight_norm("default"), m, 1e-6, "DoRA initial magnitude")
         else:
             # PEFT's DoRA init on a bf16-compute 4-bit layer forms B @ A in bf16 (jaxlora keeps float32):
             # its magnitude is exactly ||W + s * bf16(bf16(B) @ bf16(A))||_row.
             a, b = (t.detach().cpu().to(torch.bfloat16) for t in (proj.lora_A["default"].weight, proj.lora_B["default"].weight))
             w = torch.tensor(np.asarray(layer.base.dense_weight(jnp.float32)), device="cpu")
-            expected = torch.linalg.norm(w + layer.scaling * (b @ a).float(), dim=1)
+            expected = torch.linalg.norm(w + layer.scaling["default"] * (b @ a).float(), dim=1)
             assert_rel_close(expected, m, 1e-6, "PEFT's bf16 DoRA initial magnitude")
-        layer.lora_magnitude_vector[...] = jnp.asarray(m)
+        layer.lora_magnitude_vector["default"][...] = jnp.asarray(m)
 
     x = rng.standard_normal((2, 5, in_f)).astype(np.float32)
     g = rng.standard_normal((2, 5, out_f)).astype(np.float32)
@@ -97,10 +97,10 @@ def test_qlora_matches_bitsandbytes_and_peft(quant_type, double_quant, compute_d
     rel = 1e-6 if compute_dtype == jnp.float32 else 2e-2
     assert_rel_close(out_j, out_t, rel, "forward")
     assert_rel_close(dx, xt.grad, rel, "dL/dx")
-    assert_rel_close(grads["lora_A"][...], proj.lora_A["default"].weight.grad, rel, "dL/dA")
-    assert_rel_close(grads["lora_B"][...], proj.lora_B["default"].weight.grad, rel, "dL/dB")
+    assert_rel_close(grads["lora_A"]["default"][...], proj.lora_A["default"].weight.grad, rel, "dL/dA")
+    assert_rel_close(grads["lora_B"]["default"][...], proj.lora_B["default"].weight.grad, rel, "dL/dB")
     if lora.get("use_dora"):
-        assert_rel_close(grads["lora_magnitude_vector"][...], proj.lora_magnitude_vector["default"].weight.grad, rel, "dL/dm")
+        assert_rel_close(grads["lora_magnitude_vector"]["default"][...], proj.lora_magnitude_vector["default"].weight.grad, rel, "dL/dm")
 
 
 def test_merge_on_4bit_base_requantizes_like_peft():
@@ -109,8 +109,8 @@ def test_merge_on_4bit_base_requantizes_like_peft():
     q = quantize_4bit(jnp.asarray(w), double_quant=True)
     model, proj = bnb_qlora(q, None, jnp.float32, "cpu", r=4, lora_alpha=8)
     layer = LoraLinear(Linear4bit(q, compute_dtype=jnp.float32), r=4, lora_alpha=8, init_lora_weights=False, rngs=nnx.Rngs(0))
-    layer.lora_A[...] = jnp.asarray(proj.lora_A["default"].weight.detach().numpy())
-    layer.lora_B[...] = jnp.asarray(proj.lora_B["default"].weight.detach().numpy())
+    layer.lora_A["default"][...] = jnp.asarray(proj.lora_A["default"].weight.detach().numpy())
+    layer.lora_B["default"][...] = jnp.asarray(proj.lora_B["default"].weight.detach().numpy())
     x = jnp.asarray(rng.standard_normal((3, 128)).astype(np.float32))
     before = layer(x)
     merged_dense = np.asarray(layer.merged_weight())
