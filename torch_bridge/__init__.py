@@ -8,3 +8,7 @@ from torch_bridge.checkpoint import CheckpointError, load_llama
 from torch_bridge.checkpoint_writer import save_llama
 
 __all__ = ["CheckpointError", "load_llama", "save_llama"]
+
+from torch_bridge.peft import AdapterFileError, load_peft_adapter, save_peft_adapter  # noqa: E402
+
+__all__ += ["AdapterFileError", "load_peft_adapter", "save_peft_adapter"]

@@ -110,9 +110,13 @@ class LoraLinear(nnx.Module):
         if use_dora:
             self.lora_magnitude_vector[name] = nnx.LoRAParam(self._weight_norm(name))
 
-    def set_adapter(self, name: str) -> None:
-        """Make adapter ``name`` the one that runs (and trains)."""
-        if name not in self.lora_A:
+    def set_adapter(self, name: str, *, allow_missing: bool = False) -> None:
+        """Make adapter ``name`` the one that runs (and trains).
+
+        With ``allow_missing`` (used model-wide, as PEFT does) a layer without that adapter runs its
+        base alone while it is active.
+        """
+        if name not in self.lora_A and not allow_missing:
             raise ValueError(f"adapter {name!r} not found; adapters: {list(self.lora_A.keys())}")
         if self.merged:
             raise ValueError("cannot switch adapters while merged; call unmerge() first")
@@ -152,9 +156,9 @@ class LoraLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         result = self.base(x)
-        if self.merged or self.disable_adapters:
-            return result
         name = self.active_adapter
+        if self.merged or self.disable_adapters or name not in self.lora_A:
+            return result
         scaling = self.scaling[name]
         lora_x = x.astype(self.lora_dtype)
         dropout = self.lora_dropout[name] if name in self.lora_dropout else None
@@ -200,6 +204,8 @@ class LoraLinear(nnx.Module):
         """
         if self.merged:
             raise ValueError("adapter is already merged; call unmerge() first")
+        if self.active_adapter not in self.lora_A:
+            raise ValueError(f"active adapter {self.active_adapter!r} is not in this layer; adapters: {self.adapter_names}")
         base = self.base
         merged = self.merged_weight()
         bias = self._bias()

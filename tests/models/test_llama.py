@@ -23,6 +23,9 @@ CONFIGS = {
                             num_key_value_heads=1, head_dim=12, tie_word_embeddings=False,
                             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    # Every in_features a multiple of 64: bitsandbytes' CPU 4-bit kernels are only right for such rows.
+    "gqa-64": dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False),
     "bias": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, attention_bias=True, mlp_bias=True),
 }
