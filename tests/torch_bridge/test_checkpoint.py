@@ -95,13 +95,13 @@ def test_quantize_while_loading(tmp_path, quant_type):
     assert_rel_close(logits_of(model, ids), expected_logits, 0.25, "4-bit logits vs full precision")
 
 
-def test_bitsandbytes_prequantized_checkpoint_both_ways(tmp_path):
+def test_bitsandbytes_prequantized_checkpoint_both_ways(tmp_path, torch_device):
     bnb = pytest.importorskip("bitsandbytes")
     hf = hf_model("gqa-untied").to(torch.bfloat16)
     hf.save_pretrained(tmp_path / "hf")
     qconfig = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                               bnb_4bit_compute_dtype=torch.bfloat16)
-    hf4 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", quantization_config=qconfig)
+    hf4 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", quantization_config=qconfig, device_map=torch_device)
     hf4.save_pretrained(tmp_path / "bnb")
     stored = read_all(tmp_path / "bnb")
 
@@ -117,10 +117,10 @@ def test_bitsandbytes_prequantized_checkpoint_both_ways(tmp_path):
     written = read_all(out)
     for k in stored:
         assert written[k].tobytes() == stored[k].tobytes(), f"{k} differs from the bitsandbytes checkpoint"
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, device_map=torch_device)
     proj = reloaded.model.layers[0].mlp.down_proj
     assert isinstance(proj, bnb.nn.Linear4bit)
-    theirs = bnb_reference_dequantize(proj.weight.data, proj.weight.quant_state, "cpu")
+    theirs = bnb_reference_dequantize(proj.weight.data, proj.weight.quant_state, torch_device)
     ours = np.asarray(dequantize_4bit(layer.quantized).astype(jnp.float32))
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.reshape(ours.shape).view(np.uint32))
 

@@ -127,7 +127,7 @@ def test_named_adapters_set_disable_delete(tmp_path):
     np.testing.assert_allclose(np.asarray(reloaded(jnp.asarray(IDS))), second, rtol=1e-6)
 
 
-def test_qlora_adapter_on_the_same_4bit_weights_as_bitsandbytes(tmp_path):
+def test_qlora_adapter_on_the_same_4bit_weights_as_bitsandbytes(tmp_path, torch_device):
     """transformers + bitsandbytes (NF4, double quant, fp32 compute) + a PEFT adapter, against jaxlora
     loading the same pre-quantized checkpoint and adapter: identical 4-bit weights on both sides.
     (A config whose rows are whole blocks: bitsandbytes' CPU dequantizer is wrong otherwise.)"""
@@ -135,7 +135,7 @@ def test_qlora_adapter_on_the_same_4bit_weights_as_bitsandbytes(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     qconfig = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                               bnb_4bit_compute_dtype=torch.float32)
-    q_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", quantization_config=qconfig)
+    q_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", quantization_config=qconfig, device_map=torch_device)
     q_hf.save_pretrained(tmp_path / "bnb")
     torch.manual_seed(0)
     theirs = peft.get_peft_model(q_hf, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
@@ -144,7 +144,7 @@ def test_qlora_adapter_on_the_same_4bit_weights_as_bitsandbytes(tmp_path):
     ours = load_peft_adapter(load_llama(tmp_path / "bnb"), tmp_path / "adapter")
     # train mode: bitsandbytes' CPU eval path repacks weights and needs in_features % blocksize == 0 (formats.md C.4)
     with torch.no_grad():
-        expected = theirs(torch.tensor(IDS)).logits.numpy()
+        expected = theirs(torch.tensor(IDS, device=torch_device)).logits.cpu().numpy()
     compare_logits(ours(jnp.asarray(IDS)), expected)
 
 
