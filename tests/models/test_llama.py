@@ -48,14 +48,18 @@ def jax_from_hf(model, **kwargs):
     return build_llama(config, state.__getitem__, state.__contains__, **kwargs)
 
 
+@pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logits_match_transformers(name):
+def test_logits_match_transformers(name, padding):
     hf = hf_model(name)
     ours = jax_from_hf(hf)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, hf.config.vocab_size, size=(2, 11))
     mask = np.ones((2, 11), np.int64)
-    mask[1, 8:] = 0  # right padding in the second row
+    if padding == "right":
+        mask[1, 8:] = 0
+    else:
+        mask[1, :3] = 0
     with torch.no_grad():
         expected = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     logits = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
