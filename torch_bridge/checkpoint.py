@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models import LlamaConfig, LlamaForCausalLM
-from jaxlora.nn import Linear, Linear4bit
+from jaxlora.nn import Linear4bit
 from jaxlora.quant import quantize_4bit
 from torch_bridge.bnb_state import quant_state_from_arrays
 
