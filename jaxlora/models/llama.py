@@ -96,8 +96,9 @@ class LlamaAttention(nnx.Module):
         self.v_proj = _linear(hidden, kv * d, config.attention_bias, dtype, rngs)
         self.o_proj = _linear(h * d, hidden, config.attention_bias, dtype, rngs)
 
-    def __call__(self, x, cos, sin, key_mask, query_positions, key_positions, cache_kv=None):
-        """x ``[b, s, hidden]``; key_mask ``[b, k]`` bool; positions ``[b, s]`` / ``[b, k]``.
+    def __call__(self, x, cos, sin, key_mask, query_positions, key_positions, cache_kv=None, same_segment=None):
+        """x ``[b, s, hidden]``; key_mask ``[b, k]`` bool; positions ``[b, s]`` / ``[b, k]``;
+        same_segment ``[b, s, k]`` bool or None (packed sequences: attend within one example only).
 
         With ``cache_kv = (keys, values, start)`` the new keys/values are written at ``start`` into
         the cached ``[b, max_len, kv, d]`` arrays, attention runs over all cached positions, and the
@@ -118,6 +119,8 @@ class LlamaAttention(nnx.Module):
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (self.head_dim**-0.5)
         allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_mask[:, None, :]  # [b, q, k]
+        if same_segment is not None:
+            allowed = allowed & same_segment
         scores = jnp.where(allowed[:, None, None, :, :], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, s, self.num_heads * self.head_dim)
@@ -144,8 +147,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, key_mask, query_positions, key_positions, cache_kv=None):
-        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, query_positions, key_positions, cache_kv)
+    def __call__(self, x, cos, sin, key_mask, query_positions, key_positions, cache_kv=None, same_segment=None):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, query_positions, key_positions,
+                                         cache_kv, same_segment)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_cache
@@ -179,7 +183,7 @@ class LlamaForCausalLM(nnx.Module):
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs)
         self.lm_head = nnx.data(None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size, False, dtype, rngs))
 
-    def __call__(self, input_ids, attention_mask=None, *, position_ids=None, cache: KVCache | None = None):
+    def __call__(self, input_ids, attention_mask=None, *, position_ids=None, segment_ids=None, cache: KVCache | None = None):
         """Logits ``[batch, seq, vocab]`` (float32), or ``(logits, cache)`` when a cache is given.
 
         Args:
@@ -187,6 +191,9 @@ class LlamaForCausalLM(nnx.Module):
           attention_mask: ``[batch, seq]``, 1 for tokens and 0 for padding (default all ones). With a
             cache it covers the new tokens only; the cache remembers earlier ones.
           position_ids: ``[batch, seq]``; default ``arange(seq)`` (offset by the cache length).
+          segment_ids: ``[batch, seq]`` ints for packed rows (several examples in one row): a token
+            attends only to earlier tokens of its own segment; pass position_ids restarting at 0 per
+            segment. Not combined with a cache.
           cache: a `KVCache` to read and extend.
         """
         b, s = input_ids.shape
@@ -196,20 +203,32 @@ class LlamaForCausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
         x = self.model.embed_tokens(input_ids).astype(self.compute_dtype)
         cos, sin = rotary_cos_sin(position_ids, inverse_frequencies(self.config), self.compute_dtype)
+        same_segment = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+            # Causality needs the token order, not position_ids (which restart in each segment).
+            order = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
         if cache is None:
             key_mask, key_positions = mask, position_ids
+            query_positions = position_ids if segment_ids is None else order
+            if segment_ids is not None:
+                key_positions = order
         else:
             key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
             max_len = cache.mask.shape[1]
             key_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (b, max_len))
+            query_positions = position_ids
             # Positions beyond what has been written are masked by key_mask (False there).
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.layers):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i], start)
             if self.gradient_checkpointing and cache is None:
-                x, _ = nnx.remat(lambda layer, *args: layer(*args))(layer, x, cos, sin, key_mask, position_ids, key_positions)
+                x, _ = nnx.remat(lambda layer, *args: layer(*args))(layer, x, cos, sin, key_mask, query_positions, key_positions,
+                                                                    None, same_segment)
             else:
-                x, layer_cache = layer(x, cos, sin, key_mask, position_ids, key_positions, cache_kv)
+                x, layer_cache = layer(x, cos, sin, key_mask, query_positions, key_positions, cache_kv, same_segment)
                 if layer_cache is not None:
                     new_keys.append(layer_cache[0])
                     new_values.append(layer_cache[1])

@@ -103,3 +103,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     g2 = grads(remat)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(g2)):
         assert_rel_close(b, a, 1e-5, "grad")
+
+
+def test_packed_segments_do_not_attend_across_examples():
+    hf = hf_model("gqa-untied")
+    ours = jax_from_hf(hf)
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 97, size=5), rng.integers(0, 97, size=4)
+    packed = jnp.asarray(np.concatenate([a, b, [0, 0]])[None, :])
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 4 + [0, 0]])
+    position_ids = jnp.asarray([list(range(5)) + list(range(4)) + [0, 0]])
+    mask = jnp.asarray([[1] * 9 + [0, 0]])
+    logits = np.asarray(ours(packed, mask, position_ids=position_ids, segment_ids=segment_ids))
+    alone_a = np.asarray(ours(jnp.asarray(a[None, :])))
+    alone_b = np.asarray(ours(jnp.asarray(b[None, :])))
+    assert_rel_close(logits[0, :5], alone_a[0], 1e-5, "first packed example")
+    assert_rel_close(logits[0, 5:9], alone_b[0], 1e-5, "second packed example")
