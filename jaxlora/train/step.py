@@ -65,11 +65,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, wrt=nnx.LoRAP
             _, _, new_rest = nnx.split(model, wrt, ...)  # dropout RNG counters advance
             return total, (count, new_rest)
 
-        grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+        # ``rest`` is differentiated too (and its gradient dropped; XLA removes that computation): nnx only
+        # lets the dropout RNG counters in ``rest`` advance when they are traced at this level.
+        grad_fn = jax.value_and_grad(loss_sum, argnums=(0, 1), has_aux=True, allow_int=True)
 
         def accumulate(carry, batch):
             grads_sum, loss_total, tokens, rest = carry
-            (total, (count, rest)), grads = grad_fn(trainable, rest, batch)
+            (total, (count, rest)), (grads, _) = grad_fn(trainable, rest, batch)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_total + total, tokens + count, rest), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
