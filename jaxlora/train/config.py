@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlora.peft import LoraConfig
+from jaxlora.train.data import DataConfig as PipelineConfig
 from jaxlora.train.optim import OptimizerConfig
 
 
@@ -62,27 +63,19 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataSection(PipelineConfig):
+    """The data pipeline's settings (`jaxlora.train.data.DataConfig`) plus where the data is."""
+
     train_file: str = ""
     """JSONL training data (Alpaca, chat "messages", or "text" records)."""
     eval_file: str | None = None
-    """JSONL evaluation data; if None, eval_fraction of the training records are held out."""
-    eval_fraction: float = 0.0
-    """Share of training records held out for evaluation when eval_file is None."""
-    template: str = "tokenizer"
-    """Prompt template: "tokenizer" (the checkpoint's chat template), "chatml" or "llama2"."""
-    max_seq_length: int = 512
-    """Tokens per example (or per packed row)."""
-    too_long: str = "truncate"
-    """Examples longer than max_seq_length: "truncate", "skip" (counted) or "raise"."""
-    on_error: str = "raise"
-    """Bad lines or records: "raise" or "skip" (counted and reported)."""
-    train_on_prompt: bool = False
-    """Take the loss on prompt tokens too (default: response tokens only)."""
-    packing: bool = False
-    """Pack several examples per row (no attention across them)."""
+    """JSONL evaluation data; if None, eval_fraction / eval_size of the training records are held out."""
     seed: int = 0
-    """Shuffling seed."""
+    """Shuffling seed for the training batches."""
+
+    def pipeline(self) -> PipelineConfig:
+        """The `jaxlora.train.data.DataConfig` part."""
+        return PipelineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PipelineConfig)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +108,7 @@ class RunConfig:
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 

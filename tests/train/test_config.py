@@ -66,6 +66,7 @@ def test_overrides(tmp_path):
     ("[lora]\nr = 'sixteen'\n", r"lora\.r.*'sixteen'"),
     ("[optim]\nlr_scheduler_type = 'polynomial'\n", "lr_scheduler_type"),
     ("[run]\nmax_steps = 1.5\n", r"run\.max_steps"),
+    ("[data]\noverlong = 'wrap'\n", "overlong"),
     ("[model]\npath = \n", "c.toml"),
 ])
 def test_errors_name_the_file_and_key(tmp_path, text, match):

@@ -1,0 +1,450 @@
+"""Supervised fine-tuning data: JSONL records -> tokenized, masked, padded (or packed) numpy batches.
+
+The pipeline, one pure step each (numpy, ``tokenizers`` and ``jinja2``; no jax, no transformers)::
+
+    read_jsonl -> split_eval -> record_to_messages -> render_messages (templates.py)
+        -> SFTTokenizer.encode -> fit_length -> build_rows (padding or packing) -> batches
+
+`load_sft_data` runs it from a `DataConfig`. Records are one JSON object per line, in one of three
+shapes (detected per record in this order, or forced with ``format=``):
+
+- chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+- alpaca: ``{"instruction": str, "input": str (optional), "output": str}`` -> the chat
+  ``[system_prompt?, user: instruction + ("\\n\\n" + input if input), assistant: output]``
+- text: ``{"text": str}`` -> one trainable piece (loss on every token), used verbatim.
+
+Targets, in HF's convention (the shift is the loss's, `jaxlora.train.step.token_cross_entropy`:
+``logits[t]`` predicts ``labels[t + 1]``). With ``loss_mask[t]`` true for tokens of trainable pieces
+(all tokens if ``train_on_prompt``), per example::
+
+    labels[t] = input_ids[t] if loss_mask[t] and t > 0 else -100
+
+The first token of an example is never a target: it has no predecessor in its example, and in a
+packed row the position before it is the previous example's last token.
+
+Rows are ``max_seq_length`` long, right-padded with the pad id; ``segment_ids`` number the examples
+of a row 1, 2, ... (0 on padding) and ``position_ids`` restart at 0 for each example, so a model
+restricts attention to ``segment_ids[q] == segment_ids[k] > 0`` and ``k <= q``.
+
+Nothing is dropped silently: bad lines and records raise a `DataError` naming file, line and field,
+or with ``on_error="skip"`` are counted per reason in the `SkipReport`; so are truncated examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxlora.train.templates import ROLES, TEMPLATES, SFTTokenizer, TemplateError, render_messages
+
+IGNORE_INDEX = -100
+ON_ERROR = ("raise", "skip")
+OVERLONG = ("truncate", "skip", "raise")
+FORMATS = ("auto", "chat", "alpaca", "text")
+ROW_FIELDS = ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids")
+_FIRST_LINES_KEPT = 5
+
+
+class DataError(ValueError):
+    """Bad training data: the message names file, line and field; `reason` is its `SkipReport` key."""
+
+    def __init__(self, message: str, *, reason: str, path=None, line: int | None = None, field=None):
+        where = ":".join(str(part) for part in (path, line) if part is not None)
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}{f'field {field!r}: ' if field else ''}{message}")
+        self.reason, self.path, self.line, self.field = reason, path, line, field
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """What did not make it through unchanged, per reason, with the first few line numbers of each."""
+
+    path: str = ""
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Reason ("invalid_json", "not_object", "missing_fields", "bad_field", "template", "too_long",
+    "no_trainable_tokens") -> number of lines skipped for it."""
+    first_lines: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    """Reason -> the first (up to 5) line numbers skipped for it; "truncated" too."""
+    truncated: int = 0
+    """Examples longer than max_seq_length whose head was kept (overlong="truncate")."""
+    blank_lines: int = 0
+    """Whitespace-only lines (not records; counted, never an error)."""
+
+    def count(self, reason: str, line: int) -> None:
+        if reason == "truncated":
+            self.truncated += 1
+        else:
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        lines = self.first_lines.setdefault(reason, [])
+        if len(lines) < _FIRST_LINES_KEPT:
+            lines.append(line)
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def __str__(self) -> str:
+        lines = self.first_lines
+        parts = [f"{n} {reason} (lines {lines[reason]}...)" for reason, n in sorted(self.skipped.items())]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated (lines {self.first_lines['truncated']}...)")
+        return f"{self.path}: " + ("; ".join(parts) if parts else "nothing skipped or truncated")
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonRecord:
+    """One JSONL line: the parsed object and where it came from."""
+
+    path: str
+    line: int
+    data: dict
+
+    def error(self, message: str, *, reason: str, field: str | None = None) -> DataError:
+        return DataError(message, reason=reason, path=self.path, line=self.line, field=field)
+
+    def missing(self, field: str) -> DataError:
+        return self.error(f"missing; found fields {sorted(self.data)}", reason="missing_fields", field=field)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; expected one of {choices}")
+
+
+def read_jsonl(path, *, on_error: str = "raise") -> tuple[list[JsonRecord], SkipReport]:
+    """Read a JSON Lines file: one JSON object per line (UTF-8; line numbers start at 1).
+
+    A line that is not JSON or not an object raises `DataError` (reason "invalid_json" /
+    "not_object"), or with ``on_error="skip"`` is counted and skipped. A file without records
+    (empty, or every line skipped) always raises.
+    """
+    _check_choice("on_error", on_error, ON_ERROR)
+    path = Path(path)
+    report, records = SkipReport(path=str(path)), []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                report.blank_lines += 1
+                continue
+            try:
+                records.append(JsonRecord(str(path), line_no, _parse_line(raw, path, line_no)))
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                report.count(e.reason, line_no)
+    if not records:
+        detail = f"every record was skipped ({report})" if report.skipped else "the file is empty"
+        raise DataError(f"no records: {detail}", reason="empty", path=path)
+    return records, report
+
+
+def _parse_line(raw: bytes, path, line: int) -> dict:
+    try:
+        value = json.loads(raw.decode("utf-8-sig" if line == 1 else "utf-8"))
+    except UnicodeDecodeError as e:
+        message = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+        raise DataError(message, reason="invalid_json", path=path, line=line) from None
+    except json.JSONDecodeError as e:
+        message = f"not valid JSON ({e.msg} at column {e.colno})"
+        raise DataError(message, reason="invalid_json", path=path, line=line) from None
+    if not isinstance(value, dict):
+        message = f"expected a JSON object, got {type(value).__name__}"
+        raise DataError(message, reason="not_object", path=path, line=line)
+    return value
+
+
+def detect_format(record: JsonRecord) -> str:
+    """The record's shape: chat if it has "messages", alpaca if "instruction" and "output", text if "text"."""
+    keys = record.data.keys()
+    for fmt, required in (("chat", {"messages"}), ("alpaca", {"instruction", "output"}), ("text", {"text"})):
+        if required <= keys:
+            return fmt
+    raise record.error(
+        f"unknown record shape: expected 'messages' (chat), 'instruction' + 'output' (alpaca) or 'text'; "
+        f"found fields {sorted(keys)}", reason="missing_fields")
+
+
+def record_to_messages(record: JsonRecord, *, format: str = "auto", system_prompt: str | None = None):
+    """A record as a chat (list of role/content dicts) or, for the text shape, a string.
+
+    `system_prompt`, if given, becomes the first message of alpaca records and of chats that
+    have no system message.
+    """
+    _check_choice("format", format, FORMATS)
+    fmt = detect_format(record) if format == "auto" else format
+    if fmt == "text":
+        return _string_field(record, "text")
+    if fmt == "alpaca":
+        user = _string_field(record, "instruction")
+        if record.data.get("input"):
+            user += "\n\n" + _string_field(record, "input")
+        output = _string_field(record, "output")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    else:
+        messages = _chat_messages(record)
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _string_field(record: JsonRecord, name: str) -> str:
+    if name not in record.data:
+        raise record.missing(name)
+    value = record.data[name]
+    if not isinstance(value, str):
+        raise record.error(f"expected a string, got {type(value).__name__}", reason="bad_field", field=name)
+    return value
+
+
+def _chat_messages(record: JsonRecord) -> list[dict]:
+    """The validated ``messages`` of a chat record: role in ROLES, string content, an assistant turn."""
+    if "messages" not in record.data:
+        raise record.missing("messages")
+    messages = record.data["messages"]
+    if not isinstance(messages, list) or not messages:
+        message = f"expected a non-empty list, got {messages!r:.60}"
+        raise record.error(message, reason="bad_field", field="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            problem = f"expected an object with 'role' and 'content', got {message!r:.80}"
+            raise record.error(problem, reason="missing_fields", field=f"messages[{i}]")
+        if message["role"] not in ROLES:
+            problem = f"role {message['role']!r} is not one of {ROLES}"
+            raise record.error(problem, reason="bad_field", field=f"messages[{i}].role")
+        if not isinstance(message["content"], str):
+            problem = f"expected a string, got {type(message['content']).__name__}"
+            raise record.error(problem, reason="bad_field", field=f"messages[{i}].content")
+    if not any(message["role"] == "assistant" for message in messages):
+        message = "no assistant message: nothing to train on"
+        raise record.error(message, reason="missing_fields", field="messages")
+    return [{"role": message["role"], "content": message["content"]} for message in messages]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How records become training rows (every field has a default)."""
+
+    template: str = "tokenizer"
+    """Prompt template: "tokenizer" (the checkpoint's chat template), "chatml" or "llama2" (templates.py)."""
+    format: str = "auto"
+    """Record shape: "auto" (detected per record), "chat", "alpaca" or "text"."""
+    system_prompt: str | None = None
+    """Prepended to alpaca records and to chats without a system message."""
+    max_seq_length: int = 2048
+    """Tokens per row."""
+    train_on_prompt: bool = False
+    """Loss on every token, not only the responses."""
+    overlong: str = "truncate"
+    """Examples over max_seq_length: "truncate" (keep the head, counted), "skip" (counted) or "raise"."""
+    on_error: str = "raise"
+    """Bad lines or records: "raise" a DataError, or "skip" and count them per reason."""
+    packing: bool = False
+    """Concatenate several examples per row (greedy first-fit in order; none split across rows)."""
+    eval_fraction: float = 0.0
+    """Share of the records held out for evaluation (rounded half up)."""
+    eval_size: int | None = None
+    """Number of records held out instead of eval_fraction."""
+    split_seed: int = 0
+    """Seed of the (training-seed independent) choice of the eval records."""
+
+    def __post_init__(self):
+        _check_choice("template", self.template, TEMPLATES)
+        _check_choice("format", self.format, FORMATS)
+        _check_choice("overlong", self.overlong, OVERLONG)
+        _check_choice("on_error", self.on_error, ON_ERROR)
+        if self.max_seq_length < 2:
+            raise ValueError(f"max_seq_length={self.max_seq_length}; need at least 2 (an input and a target)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExample:
+    """One example: ``input_ids`` int32 ``[n]``, ``loss_mask`` bool ``[n]``, and its source line."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    line: int
+
+
+def tokenize_record(record: JsonRecord, tokenizer: SFTTokenizer, config: DataConfig) -> TokenizedExample:
+    """Record -> messages -> pieces -> tokens (not yet fitted to max_seq_length)."""
+    sample = record_to_messages(record, format=config.format, system_prompt=config.system_prompt)
+    try:
+        if isinstance(sample, str):
+            pieces = [(sample, True)]
+        else:
+            pieces = render_messages(sample, config.template, chat_template=tokenizer.chat_template)
+    except TemplateError as e:
+        raise record.error(str(e), reason="template") from e
+    input_ids, loss_mask = tokenizer.encode(pieces)
+    if config.train_on_prompt:
+        loss_mask = np.ones_like(loss_mask)
+    return TokenizedExample(input_ids, loss_mask, record.line)
+
+
+def fit_length(example: TokenizedExample, record: JsonRecord, config: DataConfig, report: SkipReport):
+    """Apply the overlong policy; None if the example is skipped (counted in `report`).
+
+    An example left without a target (``loss_mask[1:]`` all false, e.g. a prompt longer than
+    max_seq_length) is a "no_trainable_tokens" record error.
+    """
+    n, limit = len(example.input_ids), config.max_seq_length
+    if n > limit:
+        if config.overlong == "raise":
+            raise record.error(f"{n} tokens, more than max_seq_length={limit}", reason="too_long")
+        if config.overlong == "skip":
+            report.count("too_long", record.line)
+            return None
+        example = TokenizedExample(example.input_ids[:limit], example.loss_mask[:limit], example.line)
+    if not example.loss_mask[1:].any():
+        kept = len(example.input_ids)
+        message = f"no trainable token to predict in the {kept} tokens kept (max_seq_length={limit})"
+        raise record.error(message, reason="no_trainable_tokens")
+    if n > limit:
+        report.count("truncated", record.line)
+    return example
+
+
+def tokenize_records(records, tokenizer: SFTTokenizer, config: DataConfig, report: SkipReport):
+    """Tokenize and fit every record; record errors raise or (on_error="skip") are counted in `report`."""
+    if config.template == "tokenizer" and tokenizer.chat_template is None:
+        raise ValueError('template="tokenizer" but the checkpoint has no chat template (try "chatml")')
+    examples = []
+    for record in records:
+        try:
+            example = fit_length(tokenize_record(record, tokenizer, config), record, config, report)
+        except DataError as e:
+            if config.on_error == "raise" or e.reason == "too_long":
+                raise
+            report.count(e.reason, record.line)
+            continue
+        if example is not None:
+            examples.append(example)
+    return examples
+
+
+def pack_examples(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
+    """Greedy first-fit in order: each example goes to the first row with room, else a new row.
+
+    Returns the example indices of each row (in order). O(examples x rows), vectorized over rows.
+    """
+    remaining = np.zeros(len(lengths), np.int64)
+    rows: list[list[int]] = []
+    for index, length in enumerate(lengths):
+        if length > max_seq_length:
+            raise ValueError(f"example {index} has {length} tokens, over max_seq_length={max_seq_length}")
+        fits = np.flatnonzero(remaining[: len(rows)] >= length)
+        row = int(fits[0]) if fits.size else len(rows)
+        if row == len(rows):
+            rows.append([])
+            remaining[row] = max_seq_length
+        rows[row].append(index)
+        remaining[row] -= length
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTDataset:
+    """Training rows: each of `ROW_FIELDS` an int32 array ``[rows, max_seq_length]`` (module docstring)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    segment_ids: np.ndarray
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def example_labels(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """``labels[t] = input_ids[t] if loss_mask[t] and t > 0 else -100`` (unshifted, HF's convention)."""
+    labels = np.where(loss_mask, input_ids, IGNORE_INDEX).astype(np.int32)
+    labels[:1] = IGNORE_INDEX
+    return labels
+
+
+def build_rows(examples: Sequence[TokenizedExample], max_seq_length: int, pad_id: int, *, packing: bool):
+    """Lay examples out in rows of `max_seq_length`: one per row, or packed (`pack_examples`)."""
+    lengths = [len(example.input_ids) for example in examples]
+    layout = pack_examples(lengths, max_seq_length) if packing else [[i] for i in range(len(examples))]
+    shape = (len(layout), max_seq_length)
+    input_ids = np.full(shape, pad_id, np.int32)
+    labels = np.full(shape, IGNORE_INDEX, np.int32)
+    position_ids, segment_ids = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    for row, members in enumerate(layout):
+        start = 0
+        for segment, index in enumerate(members, start=1):
+            example, span = examples[index], slice(start, start + lengths[index])
+            input_ids[row, span] = example.input_ids
+            labels[row, span] = example_labels(example.input_ids, example.loss_mask)
+            position_ids[row, span] = np.arange(lengths[index])
+            segment_ids[row, span] = segment
+            start += lengths[index]
+    attention_mask = (segment_ids > 0).astype(np.int32)
+    return SFTDataset(input_ids, attention_mask, labels, position_ids, segment_ids, pad_id)
+
+
+def split_eval(items: Sequence, *, eval_fraction: float = 0.0, eval_size: int | None = None, seed: int = 0):
+    """Hold out ``eval_size`` items (or ``round_half_up(eval_fraction * n)``) chosen by a permutation
+    from `seed`, independent of the training seed. Returns ``(train, eval)``, both in input order."""
+    if eval_size is not None and eval_fraction:
+        raise ValueError("give eval_fraction or eval_size, not both")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction={eval_fraction}; expected 0 <= eval_fraction < 1")
+    n = len(items)
+    n_eval = eval_size if eval_size is not None else int(eval_fraction * n + 0.5)
+    if not 0 <= n_eval < n:
+        raise ValueError(f"an eval split of {n_eval} out of {n} items leaves no training data")
+    is_eval = np.zeros(n, bool)
+    is_eval[np.random.default_rng(seed).permutation(n)[:n_eval]] = True
+    train = [item for item, held in zip(items, is_eval, strict=True) if not held]
+    return train, [item for item, held in zip(items, is_eval, strict=True) if held]
+
+
+def steps_per_epoch(dataset: SFTDataset, batch_size: int) -> int:
+    """ceil(rows / batch_size): the last batch is filled with empty rows, so no row is dropped."""
+    return -(-len(dataset) // batch_size)
+
+
+def batches(dataset: SFTDataset, batch_size: int, *, seed: int, epoch: int, start_step: int = 0,
+            shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{field: int32 [batch_size, max_seq_length]}`` for each of `ROW_FIELDS`.
+
+    The row order is ``default_rng([seed, epoch]).permutation(rows)`` (identity without shuffle),
+    so batches depend only on (seed, epoch); ``start_step=k`` yields exactly the batches k, k+1, ...
+    of an uninterrupted epoch (checkpoint resume). The last batch is completed with empty rows
+    (pad ids, attention_mask 0, labels -100, position_ids 0, segment_ids 0).
+    """
+    if batch_size < 1 or min(seed, epoch, start_step) < 0:
+        raise ValueError(f"need batch_size >= 1 and seed, epoch, start_step >= 0; got {batch_size}, {seed}, "
+                         f"{epoch}, {start_step}")
+    n = len(dataset)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    fill = {"input_ids": dataset.pad_id, "labels": IGNORE_INDEX}
+    for step in range(start_step, steps_per_epoch(dataset, batch_size)):
+        rows = order[step * batch_size:(step + 1) * batch_size]
+        empty_shape = (batch_size - len(rows), dataset.input_ids.shape[1])
+        empty = {name: np.full(empty_shape, fill.get(name, 0), np.int32) for name in ROW_FIELDS}
+        yield {name: np.concatenate([getattr(dataset, name)[rows], empty[name]]) for name in ROW_FIELDS}
+
+
+def load_sft_data(path, tokenizer: SFTTokenizer, config: DataConfig = DataConfig()):
+    """Read `path`, hold out the eval records, tokenize both parts and lay them out in rows.
+
+    Returns ``(train: SFTDataset, eval: SFTDataset | None, report: SkipReport)``.
+    """
+    records, report = read_jsonl(path, on_error=config.on_error)
+    train_records, eval_records = split_eval(records, eval_fraction=config.eval_fraction,
+                                             eval_size=config.eval_size, seed=config.split_seed)
+    datasets = []
+    for part in (train_records, eval_records):
+        examples = tokenize_records(part, tokenizer, config, report)
+        datasets.append(build_rows(examples, config.max_seq_length, tokenizer.pad_id, packing=config.packing))
+    if not len(datasets[0]):
+        raise DataError(f"no training example left ({report})", reason="empty", path=path)
+    return datasets[0], (datasets[1] if eval_records else None), report
