@@ -1,0 +1,219 @@
+"""The training recipe: ``train(config)`` = setup, the loop, checkpoints, the adapter at the end.
+
+    jaxlora.train.trainer.train(load_config("run.toml"))
+
+One step: a jitted `make_train_step` on ``[accumulation, batch, seq]`` micro-batches (token-sum loss,
+gradients of the trainable parameters only, AdamW). Around it:
+
+- progress on stderr (step, loss, tokens/s, ETA) and metrics as JSON lines in ``metrics.jsonl``;
+- evaluation every ``run.eval_every`` steps (or each epoch): eval loss and perplexity; the adapter
+  with the best eval loss is kept apart in ``best_adapter/`` (like load_best_model_at_end);
+- orbax checkpoints every ``run.save_every`` steps (trainable parameters, optimizer state, dropout
+  RNG, step; the data position is a function of (seed, step)); an existing run directory resumes
+  from its latest checkpoint, and a resumed run reproduces an uninterrupted one bit for bit;
+- SIGINT finishes the current step, saves a checkpoint and returns; a NaN/Inf loss stops the run with
+  `TrainingError` before anything is saved, so the last good checkpoint stays the latest;
+- at the end: the PEFT adapter in ``adapter/``, ``summary.json`` and ``loss.png``.
+
+Memory levers (see the configs): ``model.quantize`` (4-bit base weights, ~4.1 bits/param),
+``model.gradient_checkpointing`` (recompute each layer: ~1 extra forward), ``optim.offload_optimizer_state``
+(AdamW moments in host memory: 8 bytes/trainable param off the accelerator, two copies per step),
+``run.batch_size`` x ``run.gradient_accumulation_steps`` (same effective batch, smaller activations).
+
+File formats (HF checkpoints, PEFT adapters) come from ``torch_bridge``'s torch-free modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from jaxlora.peft import get_peft_model
+from jaxlora.train.checkpointing import TrainCheckpointer
+from jaxlora.train.config import TrainConfig
+from jaxlora.train.data import SFTTokenizer, batches, load_sft_data, steps_per_epoch
+from jaxlora.train.optim import make_optimizer, to_memory
+from jaxlora.train.step import evaluate_loss, make_eval_step, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is left intact."""
+
+
+def resolve_model_path(path: str) -> Path:
+    if path == "smollm2":
+        from torch_bridge.smollm2 import ensure_smollm2
+
+        return ensure_smollm2()
+    return Path(path)
+
+
+def setup(config: TrainConfig):
+    """Model (with adapters), tokenizer and datasets."""
+    from torch_bridge import load_llama
+
+    model_dir = resolve_model_path(config.model.path)
+    tokenizer = SFTTokenizer(model_dir)
+    train_data, eval_data, report = load_sft_data(config.data.train_file, tokenizer, config.data.pipeline())
+    if config.data.eval_file:
+        eval_data, _, eval_report = load_sft_data(config.data.eval_file, tokenizer, config.data.pipeline())
+        print(f"eval data: {eval_report}", file=sys.stderr)
+    print(f"training data: {len(train_data)} rows; {report}", file=sys.stderr)
+    model = load_llama(model_dir, dtype=config.model.dtype, quantize=config.model.quantize,
+                       double_quant=config.model.double_quant, blocksize=config.model.blocksize,
+                       compute_dtype=config.model.compute_dtype)
+    model.gradient_checkpointing = config.model.gradient_checkpointing
+    if config.run.full_finetune:
+        return model, nnx.Param, train_data, eval_data, model_dir
+    peft_model = get_peft_model(model, config.lora, rngs=nnx.Rngs(params=config.run.seed, dropout=config.run.seed + 1))
+    return peft_model, nnx.LoRAParam, train_data, eval_data, model_dir
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _plot(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean token cross-entropy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) the training described by ``config``; returns the run summary."""
+    from torch_bridge import save_peft_adapter
+
+    run_dir = Path(config.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, wrt, train_data, eval_data, model_dir = setup(config)
+    rows_per_step = config.run.batch_size * config.run.gradient_accumulation_steps
+    per_epoch = steps_per_epoch(train_data, rows_per_step)
+    total = config.run.max_steps if config.run.max_steps > 0 else math.ceil(config.run.num_epochs * per_epoch)
+    tx = make_optimizer(config.optim, total)
+
+    model.eval()
+    eval_graphdef = nnx.split(model, wrt, ...)[0]
+    model.train()
+    graphdef, trainable, rest = nnx.split(model, wrt, ...)
+    opt_state = tx.init(trainable)
+    step_fn = make_train_step(graphdef, tx, wrt=wrt, offload=config.optim.offload_optimizer_state)
+    eval_step = make_eval_step(eval_graphdef)
+    checkpointer = TrainCheckpointer(run_dir / "checkpoints", keep=config.run.keep_checkpoints)
+
+    start, best = 0, math.inf
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(None, {"trainable": trainable, "opt_state": opt_state, "rest": rest})
+        trainable, opt_state, rest = state["trainable"], state["opt_state"], state["rest"]
+        start, best = meta["step"], meta.get("best_eval_loss", math.inf)
+        print(f"resuming from step {start}", file=sys.stderr)
+    if config.optim.offload_optimizer_state:
+        opt_state = to_memory(opt_state, "pinned_host")
+
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    metrics_path = run_dir / "metrics.jsonl"
+    t0, tokens_seen, last_loss, eval_loss = time.time(), 0.0, math.nan, None
+
+    def save(step):
+        checkpointer.save(step, {"trainable": trainable, "opt_state": opt_state, "rest": rest},
+                          {"step": step, "best_eval_loss": best, "epoch": step // per_epoch})
+
+    def run_eval(step):
+        nonlocal best, eval_loss
+        if eval_data is None:
+            return
+        result = evaluate_loss(eval_step, trainable, rest,
+                               batches(eval_data, config.run.batch_size, seed=0, epoch=0, shuffle=False))
+        eval_loss = result["eval_loss"]
+        log.write(json.dumps({"step": step, **result}) + "\n")
+        if eval_loss < best:
+            best = eval_loss
+            if wrt is not nnx.Param:
+                nnx.update(model, trainable)
+                save_peft_adapter(model, run_dir / "best_adapter", base_model_name_or_path=str(model_dir))
+
+    try:
+        with open(metrics_path, "a") as log:
+            iterator, epoch = None, None
+            for step in range(start, total):
+                if epoch != step // per_epoch or iterator is None:
+                    epoch = step // per_epoch
+                    iterator = batches(train_data, rows_per_step, seed=config.data.seed, epoch=epoch, start_step=step % per_epoch)
+                batch = next(iterator)
+                micro = {k: v.reshape(config.run.gradient_accumulation_steps, config.run.batch_size, -1) for k, v in batch.items()}
+                trainable, rest, opt_state, metrics = step_fn(trainable, rest, opt_state, micro)
+                last_loss = float(metrics["loss"])
+                if not math.isfinite(last_loss):
+                    raise TrainingError(f"loss is {last_loss} at step {step + 1}; stopping. The latest checkpoint "
+                                        f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact.")
+                tokens_seen += float(metrics["tokens"])
+                done = step + 1
+                rate = tokens_seen / max(time.time() - t0, 1e-9)
+                eta = (total - done) * (time.time() - t0) / max(done - start, 1)
+                print(f"\rstep {done}/{total}  loss {last_loss:.4f}  {rate:,.0f} tok/s  ETA {eta:,.0f}s", end="", file=sys.stderr)
+                if done % config.run.log_every == 0 or done == total:
+                    log.write(json.dumps({"step": done, "epoch": epoch, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
+                                          "learning_rate": float(jax.device_get(tx_lr(config, total, step))),
+                                          "tokens_per_second": rate}) + "\n")
+                    log.flush()
+                epoch_end = done % per_epoch == 0
+                if (config.run.eval_every and done % config.run.eval_every == 0) or (not config.run.eval_every and epoch_end):
+                    run_eval(done)
+                if done % config.run.save_every == 0 or done == total or interrupted:
+                    save(done)
+                if interrupted:
+                    print(f"\ninterrupted: checkpoint saved at step {done}", file=sys.stderr)
+                    break
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        checkpointer.close()
+    print(file=sys.stderr)
+
+    nnx.update(model, trainable)
+    if wrt is not nnx.Param:
+        save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
+    _plot(metrics_path, run_dir / "loss.png")
+    summary = {
+        "config": json.loads(json.dumps(config, default=lambda o: o.__dict__)),
+        "steps": checkpointer.latest_step(), "total_steps": total, "interrupted": bool(interrupted),
+        "final_loss": last_loss, "final_eval_loss": eval_loss, "best_eval_loss": None if math.isinf(best) else best,
+        "wall_seconds": time.time() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def tx_lr(config: TrainConfig, total: int, step: int):
+    from jaxlora.train.optim import learning_rate_schedule
+
+    return learning_rate_schedule(config.optim, total)(step)
+
+
+__all__ = ["TrainingError", "train"]

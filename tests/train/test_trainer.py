@@ -1,0 +1,94 @@
+"""The trainer end to end on a tiny random Llama with SmolLM2's tokenizer: loss falls, files appear,
+the adapter loads in PEFT; SIGINT saves and exits; a NaN loss stops with the last checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxlora.train.config import config_from_dict
+from jaxlora.train.trainer import TrainingError, train
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer files."""
+    from torch_bridge.smollm2 import ensure_smollm2
+
+    smol = ensure_smollm2()
+    out = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # N(0, 0.02) embeddings cap the (tied) logits below ~1 after the final RMSNorm:
+        model.model.embed_tokens.weight.mul_(25.0)  # scale them so that a few steps can move the loss
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (smol / name).exists():
+            shutil.copy(smol / name, out / name)
+    return out
+
+
+def write_data(path: Path, n: int = 24):
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "cyan", "gold", "gray"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            word = words[rng.integers(len(words))]
+            f.write(json.dumps({"instruction": f"Say the color {word}.", "output": f"Color: {word}."}) + "\n")
+
+
+def make_config(model_dir, tmp_path, **run):
+    write_data(tmp_path / "train.jsonl")
+    return config_from_dict({
+        "model": {"path": str(model_dir)},
+        "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "data": {"train_file": str(tmp_path / "train.jsonl"), "max_seq_length": 64, "eval_size": 4},
+        "optim": {"learning_rate": 5e-2, "warmup_steps": 2, "lr_scheduler_type": "cosine"},
+        "run": {"output_dir": str(tmp_path / "run"), "max_steps": 30, "batch_size": 4, "gradient_accumulation_steps": 2,
+                "eval_every": 10, "save_every": 10, "log_every": 5, **run},
+    })
+
+
+def test_training_run_end_to_end(tiny_model_dir, tmp_path):
+    import peft
+
+    summary = train(make_config(tiny_model_dir, tmp_path))
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert summary["steps"] == 30 and summary["best_eval_loss"] == min(evals)
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "best_adapter/adapter_config.json",
+                 "loss.png", "summary.json"):
+        assert (run / name).exists(), name
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft.PeftModel.from_pretrained(base, run / "adapter")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir, tmp_path, save_every=2, eval_every=100)
+    train(config)  # 30 good steps
+    from jaxlora.train.checkpointing import TrainCheckpointer
+
+    bad = config_from_dict({**json.loads(json.dumps(config, default=lambda o: o.__dict__)),
+                            "optim": {"learning_rate": 1e30, "warmup_steps": 0, "lr_scheduler_type": "constant"},
+                            "run": {**config.run.__dict__, "max_steps": 40, "save_every": 2, "eval_every": 100}})
+    with pytest.raises(TrainingError, match="loss is (nan|inf)"):
+        train(bad)
+    assert TrainCheckpointer(tmp_path / "run" / "checkpoints").latest_step() == 30
