@@ -92,3 +92,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
     with pytest.raises(TrainingError, match="loss is (nan|inf)"):
         train(bad)
     assert TrainCheckpointer(tmp_path / "run" / "checkpoints").latest_step() == 30
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir, tmp_path, max_steps=400, save_every=1000, eval_every=1000)
+    config_path = tmp_path / "run.json"
+    config_path.write_text(json.dumps(config, default=lambda o: o.__dict__))
+    code = ("import json, sys; from jaxlora.train.config import config_from_dict; from jaxlora.train.trainer import train; "
+            "train(config_from_dict(json.load(open(sys.argv[1]))))")
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(config_path)], cwd=repo, stderr=subprocess.PIPE)
+    seen = b""
+    deadline = time.time() + 300
+    while b"step 5/" not in seen and time.time() < deadline:
+        chunk = proc.stderr.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"step 5/" in seen, seen[-2000:]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, (seen + rest)[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["interrupted"] and 5 <= summary["steps"] < 400
+    from jaxlora.train.checkpointing import TrainCheckpointer
+
+    assert TrainCheckpointer(tmp_path / "run" / "checkpoints").latest_step() == summary["steps"]
