@@ -13,7 +13,8 @@ gradients of the trainable parameters only, AdamW). Around it:
   from its latest checkpoint, and a resumed run reproduces an uninterrupted one bit for bit;
 - SIGINT finishes the current step, saves a checkpoint and returns; a NaN/Inf loss stops the run with
   `TrainingError` before anything is saved, so the last good checkpoint stays the latest;
-- at the end: the PEFT adapter in ``adapter/``, ``summary.json`` and ``loss.png``.
+- at the end: the PEFT adapter in ``adapter/`` (full fine-tuning: the HF checkpoint in ``model/``),
+  ``summary.json`` and ``loss.png``.
 
 Memory levers (see the configs): ``model.quantize`` (4-bit base weights, ~4.1 bits/param),
 ``model.gradient_checkpointing`` (recompute each layer: ~1 extra forward), ``optim.offload_optimizer_state``
@@ -199,6 +200,10 @@ def train(config: TrainConfig) -> dict:
     nnx.update(model, trainable)
     if wrt is not nnx.Param:
         save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
+    else:  # full fine-tuning: the whole model, as an HF checkpoint
+        from torch_bridge import save_llama
+
+        save_llama(model, run_dir / "model", overwrite=True)
     _plot(metrics_path, run_dir / "loss.png")
     summary = {
         "config": json.loads(json.dumps(config, default=lambda o: o.__dict__)),
