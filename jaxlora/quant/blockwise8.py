@@ -42,8 +42,8 @@ def quantize_scales(absmax: jax.Array, offset: jax.Array | None = None):
     Args:
       absmax: float32 ``[nblocks]``.
       offset: float32 scalar to subtract; defaults to ``sum(absmax) / nblocks`` in float32, like
-        torch's mean (a division, not a multiplication by 1/n). Summation order can still differ
-        from torch's in the last bit, which is harmless to readers because the offset is stored.
+        torch's mean (a division, not a multiplication by 1/n). The summation order can still make
+        the last bit differ from torch's, which is harmless to readers because the offset is stored.
 
     Returns:
       ``(codes uint8 [nblocks], nested_absmax float32 [ceil(nblocks/256)], offset float32 [])``.
