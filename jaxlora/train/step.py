@@ -18,9 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlora.train.data import IGNORE_INDEX
 from jaxlora.train.optim import offloaded_update
-
-IGNORE_INDEX = -100
 
 
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
