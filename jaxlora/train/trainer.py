@@ -35,14 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 from flax import nnx
 
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
 from jaxlora.train.data import SFTTokenizer, batches, load_sft_data, steps_per_epoch
-from jaxlora.train.optim import make_optimizer, to_memory
+from jaxlora.train.optim import learning_rate_schedule, make_optimizer, to_memory
 from jaxlora.train.step import evaluate_loss, make_eval_step, make_train_step
 
 
@@ -118,6 +117,7 @@ def train(config: TrainConfig) -> dict:
     per_epoch = steps_per_epoch(train_data, rows_per_step)
     total = config.run.max_steps if config.run.max_steps > 0 else math.ceil(config.run.num_epochs * per_epoch)
     tx = make_optimizer(config.optim, total)
+    schedule = learning_rate_schedule(config.optim, total)
 
     model.eval()
     eval_graphdef = nnx.split(model, wrt, ...)[0]
@@ -181,7 +181,7 @@ def train(config: TrainConfig) -> dict:
                 print(f"\rstep {done}/{total}  loss {last_loss:.4f}  {rate:,.0f} tok/s  ETA {eta:,.0f}s", end="", file=sys.stderr)
                 if done % config.run.log_every == 0 or done == total:
                     log.write(json.dumps({"step": done, "epoch": epoch, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
-                                          "learning_rate": float(jax.device_get(tx_lr(config, total, step))),
+                                          "learning_rate": float(schedule(step)),
                                           "tokens_per_second": rate}) + "\n")
                     log.flush()
                 epoch_end = done % per_epoch == 0
@@ -213,12 +213,6 @@ def train(config: TrainConfig) -> dict:
     }
     _write_json(run_dir / "summary.json", summary)
     return summary
-
-
-def tx_lr(config: TrainConfig, total: int, step: int):
-    from jaxlora.train.optim import learning_rate_schedule
-
-    return learning_rate_schedule(config.optim, total)(step)
 
 
 __all__ = ["TrainingError", "train"]
