@@ -18,10 +18,9 @@ import contextlib
 import dataclasses
 import re
 
-import jax
-import numpy as np
 from flax import nnx
 
+from jaxlora.models.llama import count_parameters
 from jaxlora.nn import Linear, Linear4bit, LoraLinear
 
 # PEFT's per-architecture default targets (transformers' Llama): q_proj and v_proj.
@@ -152,7 +151,8 @@ def target_names(model: nnx.Module, config: LoraConfig) -> list[str]:
     return chosen
 
 
-def _set_module(root: nnx.Module, name: str, module: nnx.Module) -> None:
+def set_submodule(root: nnx.Module, name: str, module: nnx.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (e.g. ``model.layers.0.mlp.up_proj``) with ``module``."""
     *parents, last = name.split(".")
     node = root
     for part in parents:
@@ -163,7 +163,8 @@ def _set_module(root: nnx.Module, name: str, module: nnx.Module) -> None:
         setattr(node, last, module)
 
 
-def _get_module(root: nnx.Module, name: str):
+def get_submodule(root: nnx.Module, name: str):
+    """The submodule at dotted path ``name``."""
     node = root
     for part in name.split("."):
         node = node[int(part)] if part.isdigit() else getattr(node, part)
@@ -174,14 +175,14 @@ def inject_adapter(model: nnx.Module, config: LoraConfig, adapter_name: str, rng
     """Add adapter ``adapter_name`` to every targeted layer of ``model`` (in place); returns their names."""
     names = target_names(model, config)
     for name in names:
-        layer = _get_module(model, name)
+        layer = get_submodule(model, name)
         r, alpha = config.rank_and_alpha(name)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                       use_dora=config.use_dora, init_lora_weights=config.init_lora_weights, rngs=rngs)
         if isinstance(layer, LoraLinear):
             layer.add_adapter(adapter_name, **kwargs)
         else:
-            _set_module(model, name, LoraLinear(layer, adapter_name=adapter_name, **kwargs))
+            set_submodule(model, name, LoraLinear(layer, adapter_name=adapter_name, **kwargs))
     for module_name in config.modules_to_save or []:
         _mark_modules_to_save(model, module_name)
     return names
@@ -193,7 +194,7 @@ def _mark_modules_to_save(model: nnx.Module, module_name: str) -> None:
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = _path_name(path)
         if pattern.match(name) and not isinstance(variable, nnx.LoRAParam):
-            owner = _get_module(model, _path_name(path[:-1]))
+            owner = get_submodule(model, _path_name(path[:-1]))
             setattr(owner, str(path[-1]), ModulesToSaveParam(variable.get_value()))
             hits += 1
     if hits == 0:
@@ -263,8 +264,8 @@ class PeftModel(nnx.Module):
     # -- counting ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` element counts; a 4-bit weight counts as its number of elements."""
-        trainable = _count(nnx.state(self, nnx.LoRAParam))
-        total = _count(nnx.state(self, nnx.Param))
+        trainable = count_parameters(self, nnx.LoRAParam)
+        total = count_parameters(self, nnx.Param)
         for _, node in nnx.iter_graph(self):
             if isinstance(node, Linear4bit):
                 total += node.quantized.size
@@ -289,15 +290,11 @@ class PeftModel(nnx.Module):
         for name, layer in self.lora_layers().items():
             if layer.active_adapter in layer.lora_A:
                 layer.merge(requantize=requantize)
-            _set_module(model, name, layer.base)
+            set_submodule(model, name, layer.base)
         for path, variable in nnx.to_flat_state(nnx.state(model, ModulesToSaveParam)):
-            owner = _get_module(model, _path_name(path[:-1]))
+            owner = get_submodule(model, _path_name(path[:-1]))
             setattr(owner, str(path[-1]), nnx.Param(variable.get_value()))
         return model
-
-
-def _count(state) -> int:
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(state)))
 
 
 def get_peft_model(model: nnx.Module, config: LoraConfig, adapter_name: str = "default", *,
@@ -322,4 +319,4 @@ def merge_and_unload(peft_model: PeftModel, *, requantize: bool = False) -> nnx.
 
 
 __all__ = ["AdapterError", "LoraConfig", "ModulesToSaveParam", "PeftModel", "get_peft_model", "merge_and_unload",
-           "target_names"]
+           "target_names", "get_submodule", "set_submodule"]

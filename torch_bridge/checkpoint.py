@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxlora.models import LlamaConfig, LlamaForCausalLM
 from jaxlora.nn import Linear4bit
+from jaxlora.peft import set_submodule
 from jaxlora.quant import quantize_4bit
 from torch_bridge.bnb_state import quant_state_from_arrays
 
@@ -102,17 +103,6 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.directory / name}: tensor '{key}' cannot be read ({err})") from err
 
 
-def _set_path(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
-    parent = model
-    for part in path[:-1]:
-        parent = parent[part] if isinstance(part, int) else getattr(parent, part)
-    last = path[-1]
-    if isinstance(last, int):
-        parent[last] = module
-    else:
-        setattr(parent, last, module)
-
-
 def build_llama(
     config: LlamaConfig,
     get_array: Callable[[str], np.ndarray],
@@ -145,7 +135,7 @@ def build_llama(
             q = quant_state_from_arrays(prefix_arrays, key, source=source)
             if q.shape != expected:
                 raise CheckpointError(f"{source}: {key} is stored 4-bit with shape {q.shape}; the config needs {expected}")
-            _set_path(model, module_path, Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
+            set_submodule(model, ".".join(map(str, module_path)), Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
             continue
         if not available(key):
             raise CheckpointError(f"{source}: missing tensor '{key}' (shape {expected}) for module '{'.'.join(map(str, module_path))}'")
@@ -155,7 +145,7 @@ def build_llama(
         array = np.asarray(array).astype(DTYPES[dtype], copy=False)
         if quantize is not None and QUANTIZABLE.match(key):
             q = quantize_4bit(jnp.asarray(array), blocksize=blocksize, quant_type=quantize, double_quant=double_quant)
-            _set_path(model, module_path, Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
+            set_submodule(model, ".".join(map(str, module_path)), Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
             continue
         variable.set_value(jnp.asarray(array))
     return model

@@ -37,8 +37,6 @@ class QuantizedWeight(nnx.Variable):
 
 
 def _zero_cotangent(leaf):
-    if leaf is None:
-        return None
     if jnp.issubdtype(leaf.dtype, jnp.floating):
         return jnp.zeros_like(leaf)
     return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
