@@ -85,6 +85,63 @@ def _linear(in_f, out_f, bias, dtype, rngs):
     return Linear(in_f, out_f, use_bias=bias, dtype=dtype, rngs=rngs)
 
 
+def _attention_probs(q, k, allowed):
+    """Softmax attention weights, float32 ``[b, kv, groups, s, k]`` (masked entries exactly 0)."""
+    b, kv, groups, s, d = q.shape
+    scores = jnp.einsum("bkqd,bktd->bkqt", q.reshape(b, kv, groups * s, d), k) * (d**-0.5)
+    scores = scores.reshape(b, kv, groups, s, k.shape[2]).astype(jnp.float32)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+@jax.custom_vjp
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """``softmax(q k^T / sqrt(d), masked) v`` for grouped-query attention, in head-major layout.
+
+    Shapes: q ``[b, kv_heads, groups, s, d]`` (query head = kv_head * groups + group, as transformers'
+    repeat_kv), k and v ``[b, kv_heads, k, d]``, allowed ``[b, s, k]`` bool -> ``[b, kv_heads, groups, s, d]``.
+    Scores and softmax in float32; a row with no allowed key attends uniformly (as a masked softmax
+    with the float32 minimum does).
+
+    The custom gradient orders each backward matmul so that the large ``[.., s, k]`` arrays enter
+    with their contracted axis where XLA's CPU matmuls want it (``dk = (q^T dS)^T``,
+    ``dv = (dO^T P)^T``); with autodiff's order XLA copied the probabilities and score gradients
+    into transposed layouts first (experiments/results/train.md).
+    """
+    return _attention_fwd(q, k, v, allowed)[0]
+
+
+def _attention_fwd(q, k, v, allowed):
+    b, kv, groups, s, d = q.shape
+    probs = _attention_probs(q, k, allowed)
+    flat = probs.reshape(b, kv, groups * s, k.shape[2]).astype(v.dtype)
+    out = jnp.einsum("bkqt,bktd->bkqd", flat, v).reshape(q.shape)
+    return out, (q, k, v, allowed, probs)
+
+
+def _attention_bwd(residuals, grad_out):
+    q, k, v, allowed, probs = residuals
+    b, kv, groups, s, d = q.shape
+    t = k.shape[2]
+    p = probs.reshape(b, kv, groups * s, t)
+    grad_out = grad_out.reshape(b, kv, groups * s, d)
+    grad_p = jnp.einsum("bkqd,bktd->bkqt", grad_out, v).astype(jnp.float32)
+    grad_scores = p * (grad_p - jnp.sum(grad_p * p, axis=-1, keepdims=True))
+    mask = jnp.broadcast_to(allowed[:, None, None, :, :], (b, kv, groups, s, t)).reshape(b, kv, groups * s, t)
+    grad_scores = (jnp.where(mask, grad_scores, 0.0) * (d**-0.5)).astype(q.dtype)
+    q_flat = q.reshape(b, kv, groups * s, d)
+    grad_q = jnp.einsum("bkqt,bktd->bkqd", grad_scores, k).reshape(q.shape)
+    # [d, k] products, transposed after the barrier (which keeps XLA from folding the transposes back).
+    grad_k_t, grad_v_t = jax.lax.optimization_barrier((
+        jnp.einsum("bkqd,bkqt->bkdt", q_flat, grad_scores),
+        jnp.einsum("bkqd,bkqt->bkdt", grad_out, p.astype(grad_out.dtype))))
+    return (grad_q, grad_k_t.swapaxes(2, 3).astype(k.dtype), grad_v_t.swapaxes(2, 3).astype(v.dtype),
+            np.zeros(allowed.shape, jax.dtypes.float0))
+
+
+grouped_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class LlamaAttention(nnx.Module):
     """Grouped-query causal self-attention with rotary embeddings."""
 
@@ -116,15 +173,40 @@ class LlamaAttention(nnx.Module):
             new_cache = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (self.head_dim**-0.5)
         allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_mask[:, None, :]  # [b, q, k]
         if same_segment is not None:
             allowed = allowed & same_segment
-        scores = jnp.where(allowed[:, None, None, :, :], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v).reshape(b, s, self.num_heads * self.head_dim)
+        # Head-major layouts for the attention matmuls: queries [b, kv, groups, s, d], keys/values [b, kv, k, d].
+        q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
+        out = grouped_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
         return self.o_proj(out), new_cache
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` (``silu(g) = g * sigmoid(g)``), elementwise.
+
+    The custom gradient keeps only ``gate`` and ``up`` for the backward pass and recomputes the
+    sigmoid there; JAX's own linearization kept sigmoid(gate), silu(gate) and the product as well
+    (3 more ``[tokens, intermediate]`` arrays per layer) and split the work into more passes.
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, grad):
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    grad_gate = grad * up * (sig + silu * (1 - sig))
+    return grad_gate, grad * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class LlamaMLP(nnx.Module):
@@ -137,7 +219,7 @@ class LlamaMLP(nnx.Module):
         self.down_proj = _linear(inter, hidden, config.mlp_bias, dtype, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -196,6 +278,33 @@ class LlamaForCausalLM(nnx.Module):
             segment. Not combined with a cache.
           cache: a `KVCache` to read and extend.
         """
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, position_ids=position_ids,
+                                               segment_ids=segment_ids, cache=cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def output_weight(self) -> jax.Array | None:
+        """The output layer's dense ``[vocab, hidden]`` weight when it is a plain bias-free projection
+        (tied embeddings or a `Linear` lm_head), else None (e.g. LoRA on lm_head). Lets the training
+        loss compute logits chunk by chunk (`jaxlora.train.step`)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight[...]
+        if type(self.lm_head) is Linear and self.lm_head.bias is None:
+            return self.lm_head.weight[...]
+        return None
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits ``[..., vocab]`` of final hidden states ``[..., hidden]`` (from `hidden_states`)."""
+        if self.lm_head is None:
+            logits = hidden @ self.model.embed_tokens.weight[...].astype(hidden.dtype).T
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, segment_ids=None,
+                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """``(hidden [batch, seq, hidden] after the final norm, in the compute dtype; new cache or None)``:
+        the model without its output layer. Arguments as for ``__call__``."""
         b, s = input_ids.shape
         mask = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
@@ -219,8 +328,10 @@ class LlamaForCausalLM(nnx.Module):
             key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
             max_len = cache.mask.shape[1]
             key_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (b, max_len))
-            query_positions = position_ids
-            # Positions beyond what has been written are masked by key_mask (False there).
+            # Causality by cache slot, not by position_ids (which only drive RoPE): a left-padded row
+            # has positions cumsum(mask) - 1 that lag its slots, and must still see its own tokens.
+            # Slots beyond what has been written are masked by key_mask (False there).
+            query_positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.layers):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i], start)
@@ -233,14 +344,9 @@ class LlamaForCausalLM(nnx.Module):
                     new_keys.append(layer_cache[0])
                     new_values.append(layer_cache[1])
         x = self.model.norm(x)
-        if self.lm_head is None:
-            logits = x @ self.model.embed_tokens.weight[...].astype(x.dtype).T
-        else:
-            logits = self.lm_head(x)
-        logits = logits.astype(jnp.float32)
         if cache is None:
-            return logits
-        return logits, KVCache(jnp.stack(new_keys), jnp.stack(new_values), start + s, key_mask)
+            return x, None
+        return x, KVCache(jnp.stack(new_keys), jnp.stack(new_values), start + s, key_mask)
 
 
 def count_parameters(model: nnx.Module, filter=nnx.Param) -> int:
