@@ -10,13 +10,11 @@ Semantics follow transformers' ``generate``: greedy decoding or sampling with, i
 repetition penalty, temperature, top-k and top-p (`process_logits`); each row stops at its first EOS
 (not returned) or after ``max_new_tokens``.
 
-Batch layout. Prompts of different lengths share one batch, and every row computes exactly what it
-would compute alone: its tokens sit at cache slots ``0..len-1`` with positions ``0..len-1`` (the
-positions ``cumsum(mask) - 1`` of a left-padded batch), padding after them is masked. The model's
-cache appends all rows at one shared slot, so the rows are decoded with ``jax.vmap`` over a batch
-of one-row caches, each with its own length: a row's next token goes to its own next slot and
-overwrites the padding there. (Left padding with shared slots would shift each row's positions by
-its padding, because the model's causal mask compares cache slots with query positions.)
+Batch layout. Prompts of different lengths share one batch, left-padded to a common width, with
+positions ``cumsum(mask) - 1``: every row computes what it computes alone (padding is masked, and
+the model's cache masks causally by cache slot while positions only rotate keys and queries). All
+rows append at the same cache slot, so one batched ``[b, 1]`` step decodes every row. Prefill and
+decode compute logits for the last position only (``[b, vocab]``, not ``[b, P, vocab]``).
 
 Compilation. The model is split once per structure (``nnx.split``); the structure is closed over
 and the weights are a jit argument, so new weights (training, ``nnx.update``) reuse the compiled
@@ -183,9 +181,10 @@ def next_tokens(logits, seen, params: SamplingParams, switches: Switches, step):
 
 
 class DecodeState(NamedTuple):
-    """What the decode loop carries. ``cache`` leaves have a leading batch axis over one-row caches."""
+    """What the decode loop carries."""
 
     cache: KVCache
+    position: jax.Array  # [b] int32: the position of the next token of each row (its length so far)
     last: jax.Array  # [b] the token emitted last (input of the next step)
     seen: jax.Array  # [b, vocab] bool: tokens so far, for the repetition penalty
     done: jax.Array  # [b] bool: the row has emitted EOS
@@ -198,7 +197,7 @@ def _emit(state: DecodeState, token, params: SamplingParams) -> DecodeState:
     out = jax.lax.dynamic_update_slice(state.out, token[:, None], (0, state.step))
     done = state.done | jnp.any(token[:, None] == params.eos_ids[None, :], axis=-1)
     seen = state.seen.at[jnp.arange(token.shape[0]), token].set(True)
-    return DecodeState(state.cache, token, seen, done, out, state.step + 1)
+    return state._replace(last=token, seen=seen, done=done, out=out, step=state.step + 1)
 
 
 def find_llama(model: nnx.Module) -> nnx.Module:
@@ -208,14 +207,6 @@ def find_llama(model: nnx.Module) -> nnx.Module:
             return node
     raise TypeError(f"{type(model).__name__} holds no module with a LlamaConfig `.config`; "
                     "generation needs a LlamaForCausalLM (or a PeftModel around one)")
-
-
-def _per_row(fn, *args):
-    """``jax.vmap(fn)(*args)``; with one row, ``fn`` on that row directly: the cache update then stays a
-    plain in-place slice update instead of a batched one (faster to compile and to run)."""
-    if jax.tree.leaves(args)[0].shape[0] > 1:
-        return jax.vmap(fn)(*args)
-    return jax.tree.map(lambda x: x[None], fn(*jax.tree.map(lambda x: x[0], args)))
 
 
 def _eval_graphdef(graphdef, state):
@@ -230,34 +221,32 @@ class _Compiled:
     def __init__(self, graphdef, config: LlamaConfig, cache_dtype, counts: dict[str, int]):
         self.graphdef = graphdef
 
-        def row_forward(model, ids, mask, cache):
-            logits, cache = model(ids[None, :], mask[None, :], cache=cache)
-            return logits[0], cache
+        def last_logits(model, ids, mask, positions, cache):
+            llama = find_llama(model)
+            hidden, cache = llama.hidden_states(ids, mask, position_ids=positions, cache=cache)
+            return llama.logits(hidden[:, -1]), cache
 
         def prefill(state, ids, mask, lengths, params, *, cache_len, out_len, switches):
             counts["prefill"] += 1
             model = nnx.merge(graphdef, state)
-
-            def one_row(ids, mask, length):
-                cache = KVCache.create(config, 1, cache_len, cache_dtype)
-                logits, cache = row_forward(model, ids, mask, cache)
-                last = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=0, keepdims=False)
-                return last, dataclasses.replace(cache, length=length)
-
-            logits, cache = _per_row(one_row, ids, mask, lengths)
-            b, vocab = logits.shape
+            b = ids.shape[0]
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+            cache = KVCache.create(config, b, cache_len, cache_dtype)
+            logits, cache = last_logits(model, ids, mask, positions, cache)  # left-padded: last slot = last token
+            vocab = logits.shape[-1]
             # Padding indexes the extra column vocab, which is dropped (it is never a token).
             marked = jnp.where(mask, ids, vocab)
             seen = jnp.zeros((b, vocab + 1), bool).at[jnp.arange(b)[:, None], marked].set(True)[:, :vocab]
-            start = DecodeState(cache, jnp.zeros((b,), jnp.int32), seen, jnp.zeros((b,), bool),
+            start = DecodeState(cache, lengths, jnp.zeros((b,), jnp.int32), seen, jnp.zeros((b,), bool),
                                 jnp.full((b, out_len), params.pad_token_id, jnp.int32), jnp.int32(0))
             return _emit(start, next_tokens(logits, seen, params, switches, 0), params)
 
         def step(model, dstate: DecodeState, params, switches) -> DecodeState:
-            ones = jnp.ones((1,), jnp.int32)
-            logits, cache = _per_row(lambda t, c: row_forward(model, t[None], ones, c), dstate.last, dstate.cache)
-            token = next_tokens(logits[:, 0], dstate.seen, params, switches, dstate.step)
-            return _emit(dstate._replace(cache=cache), token, params)
+            b = dstate.last.shape[0]
+            logits, cache = last_logits(model, dstate.last[:, None], jnp.ones((b, 1), bool), dstate.position[:, None],
+                                        dstate.cache)
+            token = next_tokens(logits, dstate.seen, params, switches, dstate.step)
+            return _emit(dstate._replace(cache=cache, position=dstate.position + 1), token, params)
 
         def decode_step(state, dstate, params, *, switches):
             counts["decode"] += 1
@@ -319,8 +308,8 @@ class Generator:
         return compiled
 
     def batch(self, prompts: Sequence[Sequence[int]], pad_token_id: int):
-        """``(ids, mask, lengths)``: ``[b, P]`` int32 with each prompt at the start of its row, P the
-        longest prompt rounded up to ``bucket``."""
+        """``(ids, mask, lengths)``: ``[b, P]`` int32 with each prompt at the end of its row (left
+        padding), P the longest prompt rounded up to ``bucket``."""
         if len(prompts) == 0:
             raise ValueError("prompts is empty; expected at least one prompt")
         vocab = self.config.vocab_size
@@ -336,8 +325,8 @@ class Generator:
         width = _round_up(max(lengths), self.bucket)
         ids = np.full((len(prompts), width), pad_token_id, np.int32)
         for i, prompt in enumerate(prompts):
-            ids[i, : lengths[i]] = np.asarray(prompt, np.int32)
-        mask = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+            ids[i, width - lengths[i]:] = np.asarray(prompt, np.int32)
+        mask = np.arange(width)[None, :] >= width - np.asarray(lengths)[:, None]
         return jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(lengths, jnp.int32)
 
     def __call__(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, model: nnx.Module | None = None,

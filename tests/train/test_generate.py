@@ -83,8 +83,8 @@ def test_greedy_batch_matches_transformers(tiny):
 
 
 def test_each_row_caches_its_prompt_as_if_alone(tiny):
-    """Positions 0..len-1 in slots 0..len-1 for every row: the cached keys (rotated by their positions)
-    equal those of the prompt run alone without padding."""
+    """Left padding: row i's prompt fills the slots P-len..P-1 with positions 0..len-1, so its cached keys
+    (rotated by their positions) and values equal those of the prompt run alone without padding."""
     _, model, gen = tiny
     graphdef, state = nnx.split(model)
     ids, mask, lengths = gen.batch(PROMPTS, PAD)
@@ -97,10 +97,12 @@ def test_each_row_caches_its_prompt_as_if_alone(tiny):
     run_alone = jax.jit(run_alone)
     for i, prompt in enumerate(PROMPTS):
         _, alone = run_alone(state, jnp.asarray([prompt]))
-        assert int(decoding.cache.length[i]) == len(prompt)
-        np.testing.assert_array_equal(np.asarray(decoding.cache.mask[i, 0]), np.arange(64) < len(prompt))
-        assert_rel_close(decoding.cache.keys[i][:, 0, : len(prompt)], alone.keys[:, 0], 1e-5, f"row {i} keys")
-        assert_rel_close(decoding.cache.values[i][:, 0, : len(prompt)], alone.values[:, 0], 1e-5, f"row {i} values")
+        width, first = ids.shape[1], ids.shape[1] - len(prompt)
+        assert int(decoding.cache.length) == width
+        slots = np.arange(64)
+        np.testing.assert_array_equal(np.asarray(decoding.cache.mask[i]), (slots >= first) & (slots < width))
+        assert_rel_close(decoding.cache.keys[:, i, first:width], alone.keys[:, 0], 1e-5, f"row {i} keys")
+        assert_rel_close(decoding.cache.values[:, i, first:width], alone.values[:, 0], 1e-5, f"row {i} values")
 
 
 def test_greedy_stops_at_eos_like_transformers(tiny):
