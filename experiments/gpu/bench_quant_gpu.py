@@ -1,6 +1,6 @@
 """GPU quantize/dequantize throughput: jaxlora (jit, XLA GPU) vs bitsandbytes' CUDA kernels, one run.
 
-    python experiments/gpu/bench_quant_gpu.py     (run by experiments/gpu/run_checks.sh)
+    python experiments/gpu/bench_quant_gpu.py     (run by experiments/gpu/run.sh)
 
 Both sides get the same fp32 input on the GPU; each timing is the median of 20 runs after warm-up,
 synchronised (block_until_ready / torch.cuda.synchronize) before the clock stops. The outputs are

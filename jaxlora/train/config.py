@@ -195,8 +195,8 @@ def config_from_dict(tree: dict[str, Any], *, source: str = "config") -> TrainCo
     return TrainConfig(**{name: _build(hints[name], tree[name], name, source) for name in tree})
 
 
-def load_config(path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) training config, apply overrides, validate."""
+def read_config_tree(path) -> dict[str, Any]:
+    """The nested dict of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) config file, not yet validated."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -219,4 +219,9 @@ def load_config(path, overrides: list[str] = ()) -> TrainConfig:
         raise TrainConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(tree, dict):
         raise TrainConfigError(f"{path}: the top level must be a table of sections")
-    return config_from_dict(apply_overrides(tree, list(overrides)), source=str(path))
+    return tree
+
+
+def load_config(path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a TOML or YAML training config, apply ``section.key=value`` overrides, validate."""
+    return config_from_dict(apply_overrides(read_config_tree(path), list(overrides)), source=str(path))

@@ -31,6 +31,7 @@ import math
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,11 +51,23 @@ class TrainingError(RuntimeError):
 
 
 def resolve_model_path(path: str) -> Path:
-    if path == "smollm2":
-        from torch_bridge.smollm2 import ensure_smollm2
+    """`path`, or for "smollm2" the cached SmolLM2-135M-Instruct checkpoint.
 
-        return ensure_smollm2()
-    return Path(path)
+    A missing cache is filled by ``python -m torch_bridge.smollm2`` in a child process: the conversion
+    needs transformers and torch, which this process never imports.
+    """
+    if path != "smollm2":
+        return Path(path)
+    from torch_bridge.smollm2 import MODEL_DIRNAME, default_cache_dir, is_complete
+
+    target = default_cache_dir() / MODEL_DIRNAME
+    if not is_complete(target):
+        print(f"fetching SmolLM2-135M-Instruct into {target} (once)", file=sys.stderr)
+        done = subprocess.run([sys.executable, "-m", "torch_bridge.smollm2"], stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not is_complete(target):
+            raise TrainingError(f"could not fetch SmolLM2-135M-Instruct (python -m torch_bridge.smollm2 exited with "
+                                f"{done.returncode}; it needs the torch extra: pip install -e '.[torch]')")
+    return target
 
 
 def setup(config: TrainConfig):
@@ -106,13 +119,17 @@ def _plot(metrics_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def train(config: TrainConfig) -> dict:
-    """Run (or resume) the training described by ``config``; returns the run summary."""
+def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
+    """Run (or resume) the training described by ``config``; returns the run summary.
+
+    `prepared` is what `setup(config)` returns, for a caller that already holds the model (it is
+    trained in place: afterwards it carries the trained adapter).
+    """
     from torch_bridge import save_peft_adapter
 
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, wrt, train_data, eval_data, model_dir = setup(config)
+    model, wrt, train_data, eval_data, model_dir = prepared if prepared is not None else setup(config)
     rows_per_step = config.run.batch_size * config.run.gradient_accumulation_steps
     per_epoch = steps_per_epoch(train_data, rows_per_step)
     total = config.run.max_steps if config.run.max_steps > 0 else math.ceil(config.run.num_epochs * per_epoch)

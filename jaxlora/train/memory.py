@@ -1,0 +1,359 @@
+"""How much memory a jaxlora training run needs: exact storage plus a calibrated activation model.
+
+    estimate_memory(ModelShape.preset("65b"), method="qlora", rank=64, seq=512, grad_ckpt=True,
+                    offload=True, dtype="bfloat16", platform="gpu").total()
+
+Storage (exact, bytes; ``n`` = elements of one decoder projection, per tensor):
+- dense parameters: ``n * itemsize(dtype)``; 4-bit projections: ``ceil(n / 2)`` packed codes, plus
+  quantization constants ``4 * nblocks`` (float32 absmax, ``nblocks = ceil(n / blocksize)``) or,
+  with double quantization, ``nblocks`` (uint8 codes) ``+ 4 * ceil(nblocks / 256)`` (float32
+  nested absmax) ``+ 4`` (float32 offset), as `jaxlora.quant.QuantizedTensor.nbytes` (formats.md B.6).
+  jaxlora shares one copy of the 16-entry 4-bit table and the 256-entry 8-bit map (program
+  constants); bitsandbytes keeps both per tensor (64 + 1024 bytes): ``per_tensor_code_tables=True``.
+- LoRA: ``r * (in + out)`` float32 values per adapted projection (PEFT's adapter dtype).
+- gradients: one per trainable value, in its dtype; AdamW (optax, `jaxlora.train.optim`): two
+  moments in the trainable dtype plus two int32 step counters (8 bytes).
+- frozen-state copies: a train step that returned ``rest`` (every variable that does not train: the
+  base weights and their quantization constants) wrote it as new buffers each step, and driven as
+  the trainer drives it two extra copies were alive at the peak (``frozen_state_copies=2``, measured
+  in experiments/results/memory.md before the fix). `make_train_step` now returns only what changes
+  (the dropout RNG state): 0, the default.
+
+Activations (bytes), ``T = batch * seq`` tokens, ``c`` = itemsize of the compute dtype, ``H``
+hidden, ``I`` intermediate, ``q = heads * head_dim``, ``kv = kv_heads * head_dim``, ``V`` vocab:
+
+    layer, per token:  c * (4 H + 2 q + 2 kv + 5 I)         what the backward pass needs (below)
+                     + 4 * heads * seq                      float32 attention probabilities
+                     + 4 * sum(r over adapted projections)  x A^T of each LoRA branch (float32)
+                     + 4 * (distinct LoRA inputs) if c != 4 their float32 copies (adapter dtype)
+                     + 8                                    two RMSNorm 1/rms values (float32)
+    loss:              4 * chunk * V + 2 * c * H * T        `jaxlora.train.step.chunked_cross_entropy`:
+                                                            one [chunk, V] float32 block of logits
+                                                            (XLA writes their gradient in place), the
+                                                            final hidden states and their gradient
+                                                            (chunk = 256, T rounded up to chunks)
+                       T * (2 * 4 * V + c * V) if lm_head carries LoRA (whole logits, no chunking)
+    transient:         one dequantized projection in the compute dtype (QLoRA), or one cast copy when
+                       the parameter dtype is not the compute dtype
+    without checkpointing:  factor * (L * T * layer + loss + transient)
+    with checkpointing:     factor * (L * T * c * H + max(T * layer, loss) + transient)   ("gpu" only)
+
+What the backward pass needs from a decoder layer: its input and the input_layernorm output (H),
+the residual after attention and the post_attention_layernorm output (H), the rotated queries and
+the attention output (q), keys and values (kv), gate, up, sigmoid(gate), silu(gate) and their
+product (5 I: what JAX's linearization of SwiGLU keeps), the float32 softmax probabilities
+``[heads, seq]`` per token (the only ``[s, k]`` residual of `jaxlora.models.llama.grouped_attention`).
+
+``factor`` (``ACTIVATION_FACTOR``) is what XLA keeps beyond that minimum: fitted, as the geometric
+mean of XLA's own memory analysis (temporary buffers of the compiled step) over the formula, on the
+SmolLM2-135M runs without checkpointing of experiments/results/memory.md. XLA's temporaries of
+those runs are 0.74-1.13 times the fitted estimate: its CPU buffer assignment is not linear in the
+token count (the scheduler trades memory for concurrency differently at different sizes). The GPU
+uses the same factor, unmeasured.
+
+Gradient checkpointing on XLA's CPU backend saves far less than the formula says: the barrier that
+keeps a layer's recomputation in the backward pass is removed before scheduling, and the scheduler
+runs part of the recomputation (and keeps big cotangents for late parameter-gradient products)
+early; with the memory-optimized CPU scheduler of `jaxlora.train.step` XLA's temporaries still
+shrink only to 0.75-0.87 of the run without checkpointing, and the peak RSS not at all. ``platform="cpu"`` therefore counts
+checkpointed runs as unchecked (an over-estimate of up to a third of the activations). GPU backends
+expand the barrier after scheduling, where the formula applies (not measured here).
+
+Runtime (per platform): CPU: a constant fitted on the peak RSS of 8 SmolLM2-135M runs
+(`experiments/calibrate_memory.py`, median of peak minus every other term): the Python process with
+jax imported (~160 MiB), the loader's leftovers, the compiler's heap kept by the allocator, the
+executable, and the allocator's fragmentation (the freed frozen-state copies are not all reused:
+the peak still creeps up over the first steps). It grows with the compiled program (deeper models).
+GPU: an assumption, not a measurement: the CUDA context, XLA's 32 MiB matmul workspace (measured on
+an H100, experiments/results/gpu.md) and the executable, rounded up to 1 GiB. JAX preallocates 75 %
+of a GPU by default; the estimate is what the run needs, not what JAX reserves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from jaxlora.models.llama_config import LlamaConfig
+from jaxlora.quant.codebooks import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, SUPPORTED_QUANT_TYPES
+from jaxlora.train.step import LOSS_CHUNK_TOKENS
+
+GIB = 2**30
+METHODS = ("full", "lora", "qlora")
+PLATFORMS = ("cpu", "gpu")
+PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}  # jax device platforms that mean a GPU
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Fitted on experiments/results/memory.md (CPU) / assumed (GPU); see the module docstring.
+RUNTIME_BYTES = {"cpu": 1269 * 2**20, "gpu": 1 * GIB}
+OPTIMIZER_COUNTERS = 8  # int32 step counts of scale_by_adam and of the learning-rate schedule
+ADAPTER_BYTES = 4  # LoRA weights are float32 (PEFT's autocast_adapter_dtype)
+
+# Saved tensors per decoder layer and token, in units of one row of each width (module docstring).
+SAVED_HIDDEN, SAVED_QUERY, SAVED_KEY_VALUE, SAVED_INTERMEDIATE = 4, 2, 2, 5
+LOSS_CHUNK_COPIES = 1  # one [chunk, V] float32 block: XLA writes the softmax gradient over the logits
+LOGITS_COPIES = 2  # unchunked: the whole logits (kept for the backward pass) and their gradient
+# What XLA keeps beyond the tensors the backward pass needs: fitted on the XLA memory analysis of
+# the 4 SmolLM2 runs without checkpointing in experiments/results/memory.md (CPU); the GPU uses the
+# same factor (not measured).
+ACTIVATION_FACTOR = {"cpu": 1.076, "gpu": 1.076}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a Llama config (transformers' names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    """Biases on q/k/v/o (not in Llama; kept so that any `LlamaConfig` is counted exactly)."""
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: LlamaConfig) -> ModelShape:
+        return cls(config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                   config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.tie_word_embeddings,
+                   config.attention_bias, config.mlp_bias)
+
+    @classmethod
+    def preset(cls, name: str) -> ModelShape:
+        """A published architecture: "135m" (SmolLM2-135M), "7b", "13b", "70b" (Llama 2), "65b" (Llama 1),
+        "8b" (Llama 3 8B)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """``(out_features, in_features)`` of each decoder projection."""
+        h, q, kv, i = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim, self.intermediate_size
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    def dense_parameter_count(self) -> int:
+        """Elements outside the decoder projections' weights: embeddings, norms, lm_head, biases."""
+        biases = 0
+        for name, (out, _) in self.projection_shapes().items():
+            if (self.attention_bias and name in PROJECTIONS[:4]) or (self.mlp_bias and name in PROJECTIONS[4:]):
+                biases += out
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.num_hidden_layers * (2 * self.hidden_size + biases) + self.hidden_size
+
+    def parameter_count(self) -> int:
+        projections = sum(o * i for o, i in self.projection_shapes().values())
+        return self.dense_parameter_count() + self.num_hidden_layers * projections
+
+
+PRESETS = {
+    "135m": ModelShape(49152, 576, 1536, 30, 9, 3, 64, True),
+    "7b": ModelShape(32000, 4096, 11008, 32, 32, 32, 128, False),
+    "13b": ModelShape(32000, 5120, 13824, 40, 40, 40, 128, False),
+    "65b": ModelShape(32000, 8192, 22016, 80, 64, 64, 128, False),
+    "70b": ModelShape(32000, 8192, 28672, 80, 64, 8, 128, False),
+    "8b": ModelShape(128256, 4096, 14336, 32, 32, 8, 128, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component. ``total()`` is the memory the run needs on its device.
+
+    On "cpu" host and device memory are the same RAM, so ``total()`` includes the offloaded
+    optimizer state; on "gpu" it is the accelerator's share and ``optimizer_states_host`` is
+    host RAM on top.
+    """
+
+    weights: int
+    """Base weights as stored: dense parameters plus packed 4-bit codes."""
+    quant_constants: int
+    """absmax / double-quantization constants of the 4-bit weights."""
+    adapters: int
+    """LoRA A and B."""
+    gradients: int
+    """Gradients of the trainable parameters."""
+    optimizer_states: int
+    """AdamW moments (and step counters) on the device; 0 when offloaded."""
+    optimizer_states_host: int
+    """The same in host memory when offloaded."""
+    activations: int
+    """Saved for the backward pass plus the peak transient (activation model)."""
+    runtime: int
+    """Fixed overhead of the process and backend (per platform)."""
+    frozen_copies: int = 0
+    """Copies of the frozen state that the train step writes (see ``frozen_state_copies``)."""
+    optimizer_transient: int = 0
+    """Offloaded moments brought to the device for the update (activations are freed by then)."""
+    platform: str = "cpu"
+
+    def total(self) -> int:
+        """Every resident term, plus the larger of the activations and the optimizer transient (the
+        activations are freed before the update)."""
+        resident = (self.weights + self.quant_constants + self.adapters + self.gradients + self.optimizer_states
+                    + self.runtime + self.frozen_copies)
+        if self.platform == "cpu":
+            resident += self.optimizer_states_host
+        return resident + max(self.activations, self.optimizer_transient)
+
+    def rows(self) -> list[tuple[str, float]]:
+        """``(component, GiB)`` in display order, the total last."""
+        names = ("weights", "quant_constants", "adapters", "gradients", "optimizer_states", "optimizer_states_host",
+                 "activations", "frozen_copies", "optimizer_transient", "runtime")
+        return [(n, getattr(self, n) / GIB) for n in names] + [("total", self.total() / GIB)]
+
+
+def quantized_storage(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int]:
+    """``(packed code bytes, constant bytes)`` of one 4-bit tensor of ``numel`` elements."""
+    nblocks = -(-numel // blocksize)
+    if not double_quant:
+        return (numel + 1) // 2, 4 * nblocks
+    return (numel + 1) // 2, nblocks + 4 * (-(-nblocks // NESTED_BLOCKSIZE)) + 4
+
+
+def resolve_targets(shape: ModelShape, targets: str | Sequence[str]) -> tuple[str, ...]:
+    """The module names LoRA adapts in every layer (and "lm_head"): "all-linear" = the 7 projections."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return PROJECTIONS
+        targets = [targets]
+    names = tuple(dict.fromkeys(targets))
+    valid = PROJECTIONS + (() if shape.tie_word_embeddings else ("lm_head",))
+    unknown = [t for t in names if t not in valid]
+    if unknown or not names:
+        tied = " (lm_head is tied to the embedding here)" if shape.tie_word_embeddings else ""
+        raise ValueError(f"LoRA targets {list(names)!r}: {unknown or 'empty'} not a linear module of a Llama layer{tied}; "
+                         f"expected 'all-linear' or names from {list(valid)}")
+    return names
+
+
+def _check(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} {value!r} is not supported; expected one of {list(allowed)}")
+
+
+def estimate_memory(shape: ModelShape, *, method: str = "qlora", rank: int = 16, targets: str | Sequence[str] = "all-linear",
+                    batch: int = 1, seq: int = 512, grad_ckpt: bool = False, offload: bool = False,
+                    dtype: str = "float32", compute_dtype: str | None = None, quant: str = "nf4",
+                    double_quant: bool = True, blocksize: int = 64, platform: str = "cpu",
+                    frozen_state_copies: int = 0, per_tensor_code_tables: bool = False) -> MemoryEstimate:
+    """Memory of one training step of a Llama model with jaxlora (formulas in the module docstring).
+
+    Args:
+      shape: the architecture (`ModelShape.from_config` or `ModelShape.preset`).
+      method: "full" (every parameter trains), "lora" (dense frozen base) or "qlora" (4-bit base).
+      rank, targets: LoRA rank and adapted modules ("all-linear" or names such as ["q_proj", "v_proj"]).
+      batch, seq: rows and tokens per row of one micro-batch.
+      grad_ckpt: gradient checkpointing (recompute each decoder layer in the backward pass).
+      offload: AdamW moments in host memory between steps (`jaxlora.train.optim.to_memory`).
+      dtype: parameter dtype of the base ("float32", "bfloat16", "float16"); compute_dtype: the
+        activations' dtype (default ``dtype``, as `torch_bridge.load_llama`).
+      quant, double_quant, blocksize: 4-bit settings for "qlora".
+      platform: "cpu" or "gpu" ("cuda"/"rocm" mean "gpu"): the runtime constant, the checkpointing
+        behaviour and what total() counts.
+      frozen_state_copies: extra copies of the frozen state alive at a step's peak (0 with
+        `make_train_step`; 2 with a step that returns the frozen state, see the module docstring).
+      per_tensor_code_tables: count bitsandbytes' per-tensor code tables (64 + 1024 bytes).
+    """
+    _check("method", method, METHODS)
+    platform = PLATFORM_ALIASES.get(platform, platform)
+    _check("platform", platform, PLATFORMS)
+    _check("dtype", dtype, DTYPE_BYTES)
+    compute_dtype = compute_dtype or dtype
+    _check("compute_dtype", compute_dtype, DTYPE_BYTES)
+    if method == "qlora":
+        _check("quant", quant, SUPPORTED_QUANT_TYPES)
+        _check("blocksize", blocksize, SUPPORTED_BLOCKSIZES)
+    for name, value in (("rank", rank), ("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if frozen_state_copies < 0:
+        raise ValueError(f"frozen_state_copies must be >= 0, got {frozen_state_copies}")
+    names = () if method == "full" else resolve_targets(shape, targets)
+    param_bytes, c = DTYPE_BYTES[dtype], DTYPE_BYTES[compute_dtype]
+    projections = shape.projection_shapes()
+    layers = shape.num_hidden_layers
+
+    weights, constants = shape.dense_parameter_count() * param_bytes, 0
+    for out_f, in_f in projections.values():
+        if method == "qlora":
+            packed, consts = quantized_storage(out_f * in_f, blocksize, double_quant)
+            tables = (16 + (256 if double_quant else 0)) * 4 if per_tensor_code_tables else 0
+            weights, constants = weights + layers * packed, constants + layers * (consts + tables)
+        else:
+            weights += layers * out_f * in_f * param_bytes
+
+    adapted = {n: projections.get(n, (shape.vocab_size, shape.hidden_size)) for n in names}
+    lora_values = sum(rank * (o + i) * (1 if n == "lm_head" else layers) for n, (o, i) in adapted.items())
+    adapters = lora_values * ADAPTER_BYTES
+    trainable = weights if method == "full" else adapters
+    moments = 2 * trainable + OPTIMIZER_COUNTERS
+    frozen = 0 if method == "full" else frozen_state_copies * (weights + constants)
+
+    activations = _activations(shape, names, rank, batch, seq, c, grad_ckpt and platform == "gpu")
+    if method == "qlora" or param_bytes != c:  # one dequantized (or cast) projection at a time
+        activations += max(o * i for o, i in projections.values()) * c
+    activations = math.ceil(ACTIVATION_FACTOR[platform] * activations)
+    return MemoryEstimate(
+        weights=weights, quant_constants=constants, adapters=adapters, gradients=trainable,
+        optimizer_states=0 if offload else moments, optimizer_states_host=moments if offload else 0,
+        activations=activations, runtime=RUNTIME_BYTES[platform], frozen_copies=frozen,
+        optimizer_transient=moments if offload else 0, platform=platform)
+
+
+def _layer_bytes_per_token(shape: ModelShape, names: tuple[str, ...], rank: int, seq: int, c: int) -> int:
+    """What the backward pass needs from one decoder layer, per token (module docstring)."""
+    h, heads = shape.hidden_size, shape.num_attention_heads
+    q, kv, i = heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim, shape.intermediate_size
+    saved = c * (SAVED_HIDDEN * h + SAVED_QUERY * q + SAVED_KEY_VALUE * kv + SAVED_INTERMEDIATE * i)
+    saved += 4 * heads * seq + 2 * 4  # float32 attention probabilities; RMSNorm 1/rms
+    saved += ADAPTER_BYTES * rank * sum(1 for n in names if n != "lm_head")
+    if c != ADAPTER_BYTES:  # float32 copies of the distinct LoRA inputs (q/k/v share one, gate/up share one)
+        inputs = {"q_proj": ("attn_in", h), "k_proj": ("attn_in", h), "v_proj": ("attn_in", h), "o_proj": ("attn_out", q),
+                  "gate_proj": ("mlp_in", h), "up_proj": ("mlp_in", h), "down_proj": ("mlp_mid", i)}
+        saved += ADAPTER_BYTES * sum(dict(inputs[n] for n in names if n in inputs).values())
+    return saved
+
+
+def _loss_bytes(shape: ModelShape, names: tuple[str, ...], rank: int, tokens: int, c: int) -> int:
+    """The output layer and cross-entropy: chunked unless the output layer carries LoRA."""
+    v, h = shape.vocab_size, shape.hidden_size
+    if "lm_head" not in names:  # `chunked_cross_entropy`: [chunk, V] float32 pieces, hidden and its gradient whole
+        padded = -(-tokens // LOSS_CHUNK_TOKENS) * LOSS_CHUNK_TOKENS
+        return LOSS_CHUNK_COPIES * 4 * LOSS_CHUNK_TOKENS * v + 2 * c * h * padded
+    per_token = LOGITS_COPIES * 4 * v + (c * v if c != 4 else 0) + ADAPTER_BYTES * rank
+    return tokens * per_token
+
+
+def _activations(shape: ModelShape, names: tuple[str, ...], rank: int, batch: int, seq: int, c: int, checkpointed: bool) -> int:
+    tokens = batch * seq
+    layer = tokens * _layer_bytes_per_token(shape, names, rank, seq, c)
+    loss = _loss_bytes(shape, names, rank, tokens, c)
+    if checkpointed:  # layer inputs saved; one layer recomputed at a time, after the loss is done
+        return tokens * shape.num_hidden_layers * c * shape.hidden_size + max(layer, loss)
+    return shape.num_hidden_layers * layer + loss
+
+
+def format_estimate(est: MemoryEstimate, title: str = "") -> str:
+    """A GiB table of the estimate, for printing."""
+    lines = [title] if title else []
+    lines += [f"  {name:<22} {gib:10.3f} GiB" for name, gib in est.rows() if gib or name == "total"]
+    where = "host RAM = device" if est.platform == "cpu" else "device; host-offloaded state not included"
+    lines.append(f"  (total: {where})")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "PRESETS",
+    "PROJECTIONS",
+    "MemoryEstimate",
+    "ModelShape",
+    "estimate_memory",
+    "format_estimate",
+    "quantized_storage",
+    "resolve_targets",
+]
