@@ -62,8 +62,7 @@ expand the barrier after scheduling, where the formula applies (not measured her
 Runtime (per platform): CPU: a constant fitted on the peak RSS of 8 SmolLM2-135M runs
 (`experiments/calibrate_memory.py`, median of peak minus every other term): the Python process with
 jax imported (~160 MiB), the loader's leftovers, the compiler's heap kept by the allocator, the
-executable, and the allocator's fragmentation (the freed frozen-state copies are not all reused:
-the peak still creeps up over the first steps). It grows with the compiled program (deeper models).
+executable, and the allocator's fragmentation. It grows with the compiled program (deeper models).
 GPU: an assumption, not a measurement: the CUDA context, XLA's 32 MiB matmul workspace (measured on
 an H100, experiments/results/gpu.md) and the executable, rounded up to 1 GiB. JAX preallocates 75 %
 of a GPU by default; the estimate is what the run needs, not what JAX reserves.
@@ -86,7 +85,7 @@ PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}  # jax device platforms that m
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Fitted on experiments/results/memory.md (CPU) / assumed (GPU); see the module docstring.
-RUNTIME_BYTES = {"cpu": 1269 * 2**20, "gpu": 1 * GIB}
+RUNTIME_BYTES = {"cpu": 1098 * 2**20, "gpu": 1 * GIB}
 OPTIMIZER_COUNTERS = 8  # int32 step counts of scale_by_adam and of the learning-rate schedule
 ADAPTER_BYTES = 4  # LoRA weights are float32 (PEFT's autocast_adapter_dtype)
 
@@ -97,7 +96,7 @@ LOGITS_COPIES = 2  # unchunked: the whole logits (kept for the backward pass) an
 # What XLA keeps beyond the tensors the backward pass needs: fitted on the XLA memory analysis of
 # the 4 SmolLM2 runs without checkpointing in experiments/results/memory.md (CPU); the GPU uses the
 # same factor (not measured).
-ACTIVATION_FACTOR = {"cpu": 1.076, "gpu": 1.076}
+ACTIVATION_FACTOR = {"cpu": 1.036, "gpu": 1.036}
 
 
 @dataclasses.dataclass(frozen=True)
