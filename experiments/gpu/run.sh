@@ -40,7 +40,9 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rs -k cuda \
   tests/train/test_parity.py 2>&1 | tee "$out/cuda_tests.txt" | tail -30
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$out/cuda_tests.txt"
 
-# 2. Training benchmark on the GPU (random weights in SmolLM2-135M's shape; batch 4 x 256 as on CPU, then 16 x 512).
+# 2. Training benchmark on the GPU (random weights in SmolLM2-135M's shape; batch 4 x 256 as on CPU).
+#    NOT READY: bench_train.py has no --device/--model/--train-only options yet, so this step fails with a
+#    usage error until they exist; steps 1 and 3 run regardless.
 python3 - "$out/random-smollm2" <<'PY'
 import json, sys, torch, transformers
 cfg = json.load(open("experiments/gpu/smollm2_config.json"))
