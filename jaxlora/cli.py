@@ -33,29 +33,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlora.train.data import DataError
     from jaxlora.train.export import ExportError
     from jaxlora.train.templates import TemplateError
-    from jaxlora.train.trainer import TrainingError
+    from jaxlora.train.trainer import ModelPathError, TrainingError
     from torch_bridge.checkpoint import CheckpointError
     from torch_bridge.peft import AdapterFileError
 
-    return (UserError, ConfigError, AdapterError, ExportError, TrainingError, TrainConfigError, DataError, TemplateError, CheckpointError,
-            AdapterFileError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
-def resolve_model(spec: str) -> Path:
-    """An HF Llama directory, or "smollm2" (fetched and converted once, in a separate process)."""
-    from jaxlora.train.trainer import resolve_model_path
-
-    path = resolve_model_path(spec)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{spec}: not a Hugging Face model directory (no config.json in {path})")
-    return path
+    return (UserError, ConfigError, AdapterError, ExportError, ModelPathError, TrainingError, TrainConfigError,
+            DataError, TemplateError, CheckpointError, AdapterFileError,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 # -- train ---------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from jaxlora.train.config import apply_overrides, config_from_dict, read_config_tree
     from jaxlora.train.preflight import apply_preset, preflight
-    from jaxlora.train.trainer import train
+    from jaxlora.train.trainer import resolve_model_path, train
 
     tree = read_config_tree(args.config)
     if args.preset:
@@ -64,7 +55,7 @@ def cmd_train(args) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     config = config_from_dict(apply_overrides(tree, args.set), source=str(args.config))
-    model_dir = resolve_model(config.model.path)
+    model_dir = resolve_model_path(config.model.path)
     print(preflight(config, model_dir).report(), file=sys.stderr)
     if args.dry_run:
         return 0
@@ -90,8 +81,9 @@ def load_for_generation(model_dir: Path, adapters: list[str], quantize: str | No
 def cmd_generate(args) -> int:
     from jaxlora.train.generate import GenerationConfig, Generator
     from jaxlora.train.prompting import PromptCodec
+    from jaxlora.train.trainer import resolve_model_path
 
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model_path(args.model)
     codec = PromptCodec(model_dir, chat=not args.raw)
     try:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -127,14 +119,12 @@ def cmd_export(args) -> int:
 
 # -- memory --------------------------------------------------------------------------------------
 def cmd_memory(args) -> int:
-    import json
-
     from jaxlora.models.llama_config import LlamaConfig
     from jaxlora.train.memory import ModelShape, estimate_memory, format_estimate
+    from jaxlora.train.trainer import resolve_model_path
 
     if Path(args.model).is_dir() or args.model == "smollm2":
-        path = resolve_model(args.model)
-        shape = ModelShape.from_config(LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text())))
+        shape = ModelShape.from_config(LlamaConfig.from_file(resolve_model_path(args.model) / "config.json"))
     else:
         try:
             shape = ModelShape.preset(args.model.lower())

@@ -11,14 +11,13 @@ or a shape mismatch is an error naming the key and the shapes.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.atomic import atomic_write, atomic_write_json
 from jaxlora.peft import LoraConfig, ModulesToSaveParam, PeftModel, get_peft_model, target_names
 
 PREFIX = "base_model.model."
@@ -67,19 +66,6 @@ def adapter_tensors(peft_model: PeftModel, adapter_name: str) -> dict[str, np.nd
     return tensors
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_peft_adapter(peft_model: PeftModel, out_dir, *, adapter_name: str | None = None,
                       base_model_name_or_path: str | None = None) -> Path:
     """Write adapter ``adapter_name`` (default: the active one) as a PEFT adapter directory.
@@ -102,9 +88,8 @@ def save_peft_adapter(peft_model: PeftModel, out_dir, *, adapter_name: str | Non
     tensors = adapter_tensors(peft_model, name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"format": "pt"}))
-    text = json.dumps(adapter_config_dict(config, targets), indent=2, sort_keys=True)
-    _atomic_write(out / CONFIG_NAME, text.encode("utf-8"))
+    atomic_write(out / WEIGHTS_NAME, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"format": "pt"}))
+    atomic_write_json(out / CONFIG_NAME, adapter_config_dict(config, targets), indent=2, sort_keys=True)
     return out
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from jaxlora.atomic import atomic_write_json
 
 
 def load_model(model_dir: Path, adapter_dir: Path | None, quantize: str | None, device: str):
@@ -85,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     with hub_offline():
         model = load_model(args.model, args.adapter, args.quantize, device)
     outputs = greedy(model, request["prompts"], list(request.get("stop_ids", [])), int(request["max_new_tokens"]), device)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps({"outputs": outputs}))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, {"outputs": outputs})
     return 0
 
 

@@ -67,6 +67,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from jaxlora.atomic import fsync_dir
+
 __all__ = [
     "GGUF_NAME",
     "GGUF_SHA256",
@@ -270,15 +272,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(dirpath)
 
 
 @contextlib.contextmanager
@@ -332,7 +326,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
                 stale = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.stale-", dir=cache))
                 os.rename(target, stale / MODEL_DIRNAME)
             os.rename(partial, target)
-            _fsync_dir(cache)
+            fsync_dir(cache)
         finally:
             _remove_leftovers(cache)
         log.info("%s ready in %.1f s", target, time.perf_counter() - t0)

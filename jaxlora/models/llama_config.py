@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 
@@ -104,6 +106,21 @@ class LlamaConfig:
             return cls(**kwargs)
         except TypeError as err:
             raise ConfigError(f"{source}: {err}") from err
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "LlamaConfig":
+        """Read a transformers ``config.json`` file. Raises `ConfigError` naming `path` if it cannot be
+        read, is not a JSON object, or does not describe a Llama model (see `from_hf_dict`)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        return cls.from_hf_dict(config, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers v5 ``config.json`` dict for ``LlamaForCausalLM``."""

@@ -18,6 +18,8 @@ import json
 import random
 from pathlib import Path
 
+from jaxlora.atomic import atomic_write
+
 DATA_DIR = Path(__file__).parent / "data"
 TRAIN_FILE = DATA_DIR / "train.jsonl"
 HELDOUT_FILE = DATA_DIR / "heldout.jsonl"
@@ -94,9 +96,7 @@ def write(directory: Path = DATA_DIR) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     train, heldout = generate()
     for name, records in (("train.jsonl", train), ("heldout.jsonl", heldout)):
-        tmp = directory / f".{name}.tmp"
-        tmp.write_text(to_jsonl(records))
-        tmp.replace(directory / name)
+        atomic_write(directory / name, to_jsonl(records))
 
 
 if __name__ == "__main__":

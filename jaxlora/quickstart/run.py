@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxlora.atomic import atomic_write_json
 from jaxlora.quickstart.dataset import HELDOUT_FILE, TRAIN_FILE
 
 DEFAULT_STEPS = 40
@@ -201,9 +202,7 @@ def quickstart(options: QuickstartOptions = QuickstartOptions()) -> dict:
         _say(f"PEFT reproduces jaxlora's answers on {sum(same)}/{len(same)} examples")
         report["peft"] = {"answers": peft_texts, "same_as_jaxlora": same}
     report["wall_seconds"] = time.time() - t0
-    tmp = run_dir / ".quickstart.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(run_dir / "quickstart.json")
+    atomic_write_json(run_dir / "quickstart.json", report, indent=2)
     _say(f"\nadapter (PEFT format): {run_dir / 'adapter'}\nloss plot: {run_dir / 'loss.png'}\n"
          f"report: {run_dir / 'quickstart.json'}\ntotal {report['wall_seconds']:.0f} s")
     return report

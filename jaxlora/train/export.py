@@ -19,6 +19,8 @@ import json
 import shutil
 from pathlib import Path
 
+from jaxlora.atomic import atomic_open
+
 EXPORT_KINDS = ("peft", "merged", "bnb-4bit")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                     "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
@@ -47,12 +49,12 @@ def base_model_of(adapter_dir: Path, model: str | None) -> Path:
         model = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not model:
             raise ExportError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; pass the base model")
-    from jaxlora.train.trainer import resolve_model_path
+    from jaxlora.train.trainer import ModelPathError, resolve_model_path
 
-    path = resolve_model_path(model)
-    if not (path / "config.json").is_file():
-        raise ExportError(f"base model {model}: no config.json in {path}")
-    return path
+    try:
+        return resolve_model_path(model)
+    except ModelPathError as err:
+        raise ExportError(f"base model {err}") from None
 
 
 def export(source, kind: str, out, *, model: str | None = None, best: bool = False) -> Path:
@@ -74,9 +76,8 @@ def export(source, kind: str, out, *, model: str | None = None, best: bool = Fal
     save_llama(merged, out, quantization=quantization, double_quant=True, overwrite=True)
     for name in _TOKENIZER_FILES:
         if (base_dir / name).is_file():
-            tmp = out / f".{name}.tmp"
-            shutil.copyfile(base_dir / name, tmp)
-            tmp.replace(out / name)
+            with open(base_dir / name, "rb") as src, atomic_open(out / name) as dst:
+                shutil.copyfileobj(src, dst)
     return out
 
 

@@ -107,7 +107,7 @@ def preflight(config: TrainConfig, model_dir, *, available_bytes: int | None = N
     import jax
 
     model_dir = Path(model_dir)
-    model_config = LlamaConfig.from_hf_dict(json.loads((model_dir / "config.json").read_text()))
+    model_config = LlamaConfig.from_file(model_dir / "config.json")
     platform = platform or jax.devices()[0].platform
     estimate = estimate_for(config, model_config, platform)
     shape = ModelShape.from_config(model_config)

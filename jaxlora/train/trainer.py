@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import signal
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from flax import nnx
 
+from jaxlora.atomic import atomic_write_json
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
@@ -50,14 +50,27 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is left intact."""
 
 
+class ModelPathError(ValueError):
+    """A model path that is not a Hugging Face model directory (it has no config.json)."""
+
+
 def resolve_model_path(path: str) -> Path:
-    """`path`, or for "smollm2" the cached SmolLM2-135M-Instruct checkpoint.
+    """The HF model directory `path`, or for "smollm2" the cached SmolLM2-135M-Instruct checkpoint.
 
     A missing cache is filled by ``python -m torch_bridge.smollm2`` in a child process: the conversion
-    needs transformers and torch, which this process never imports.
+    needs transformers and torch, which this process never imports. Raises `ModelPathError` if the
+    directory has no config.json, `TrainingError` if the SmolLM2 fetch fails.
     """
-    if path != "smollm2":
-        return Path(path)
+    if path == "smollm2":
+        target = _smollm2_path()
+    else:
+        target = Path(path)
+    if not (target / "config.json").is_file():
+        raise ModelPathError(f"{path}: not a Hugging Face model directory (no config.json in {target})")
+    return target
+
+
+def _smollm2_path() -> Path:
     from torch_bridge.smollm2 import MODEL_DIRNAME, default_cache_dir, is_complete
 
     target = default_cache_dir() / MODEL_DIRNAME
@@ -92,9 +105,7 @@ def setup(config: TrainConfig):
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=2, default=str)
 
 
 def _plot(metrics_path: Path, out: Path) -> None:
@@ -232,4 +243,4 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     return summary
 
 
-__all__ = ["TrainingError", "train"]
+__all__ = ["ModelPathError", "TrainingError", "resolve_model_path", "train"]
