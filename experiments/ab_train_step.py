@@ -9,7 +9,9 @@ time of each, the median of the paired ratios, and XLA's temporary buffer size o
 
 Pieces (``before:NAME``): ``lora`` (LoraLinear.__call__: autodiff's B gradient), ``attention``
 (LlamaAttention.__call__: 5-D einsums, autodiff), ``mlp`` (jax.nn.silu(gate) * up, autodiff), ``loss``
-(whole [b, s, vocab] logits sliced at the shift), ``scheduler`` (XLA's default CPU scheduler).
+(whole [b, s, vocab] logits sliced at the shift), ``scheduler`` (XLA's default CPU scheduler), ``plain16``
+(16-bit products written plainly instead of `jaxlora.nn.matmul`'s float32-accumulating form; this piece
+is not from ``BEFORE``; use it with ``--compute bf16``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ def patches(name: str) -> list[tuple[object, str, object]]:
         return [(step, "_forward_loss", old_module("jaxlora/train/step.py", "old_step")._forward_loss)]
     if name == "scheduler":
         return [(step, "compiler_options", lambda: None)]
+    if name == "plain16":  # 16-bit products written plainly (XLA converts them to float32 products)
+        import jax.numpy as jnp
+
+        import jaxlora.nn.linear as linear
+        import jaxlora.nn.linear4bit as linear4bit
+
+        def plain_dot(a, b, contracting, out_dtype=None):
+            out = jax.lax.dot_general(a, b, (((contracting[0] % a.ndim,), (contracting[1] % b.ndim,)), ((), ())))
+            return out if out_dtype is None else out.astype(out_dtype)
+
+        def plain_einsum(spec, a, b, out_dtype=None):
+            out = jnp.einsum(spec, a, b)
+            return out if out_dtype is None else out.astype(out_dtype)
+
+        return [(linear4bit, "dot", plain_dot), (step, "dot", plain_dot), (llama, "batched_einsum", plain_einsum),
+                (llama, "linear_matmul", lambda x, w: x @ w.T), (linear, "linear_matmul", lambda x, w: x @ w.T)]
     raise SystemExit(f"unknown piece {name!r}")
 
 
@@ -99,6 +117,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["before:lora"], help="before:PIECE ... (see above)")
     parser.add_argument("--method", choices=["lora", "qlora"], default="lora")
     parser.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--compute", choices=["fp32", "bf16"], default="fp32", help="activation / matmul dtype")
     parser.add_argument("--reps", type=int, default=6)
     args = parser.parse_args()
     import jax  # noqa: F401
@@ -106,7 +125,8 @@ def main() -> None:
     import jaxlora
     from torch_bridge import load_llama
     from torch_bridge.smollm2 import ensure_smollm2
-    model = load_llama(ensure_smollm2(), **({"quantize": "nf4", "double_quant": True} if args.method == "qlora" else {}))
+    model = load_llama(ensure_smollm2(), compute_dtype="bfloat16" if args.compute == "bf16" else None,
+                       **({"quantize": "nf4", "double_quant": True} if args.method == "qlora" else {}))
     model.gradient_checkpointing = args.ckpt
     model = jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     names = ["current", *args.variants]
@@ -122,7 +142,7 @@ def main() -> None:
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
-    print(f"{args.method}{' ckpt' if args.ckpt else ''}, {args.reps} interleaved repetitions, load {os.getloadavg()}")
+    print(f"{args.method} {args.compute}{' ckpt' if args.ckpt else ''}, {args.reps} interleaved repetitions, load {os.getloadavg()}")
     for name in names:
         ratio = statistics.median(b / a for a, b in zip(times["current"], times[name]))
         print(f"{name:28s} step {statistics.median(times[name]):6.2f} s  (x{ratio:.3f} of current, paired median)  "

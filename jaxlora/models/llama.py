@@ -35,6 +35,7 @@ from flax import nnx
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from jaxlora.nn.linear import Linear, broadcast_last
+from jaxlora.nn.matmul import batched_einsum, linear_matmul
 
 
 @jax.tree_util.register_dataclass
@@ -42,19 +43,33 @@ from jaxlora.nn.linear import Linear, broadcast_last
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    keys/values: ``[layers, batch, max_len, kv_heads, head_dim]``; ``length``: int32 scalar, how many
-    positions are filled; ``mask``: ``[batch, max_len]`` bool, which cached positions are real tokens.
+    keys/values: one ``[batch, kv_heads, max_len, head_dim]`` array per layer (head-major, the layout
+    attention multiplies in; a tuple: each layer's array is its own buffer, so a decoding step writes
+    its new position in place; `stacked_keys` / `stacked_values` give
+    ``[layers, batch, kv_heads, max_len, head_dim]``); ``length``: int32 scalar,
+    how many positions are filled; ``mask``: ``[batch, max_len]`` bool, which cached positions are
+    real tokens.
     """
 
-    keys: jax.Array
-    values: jax.Array
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
     length: jax.Array
     mask: jax.Array
 
     @classmethod
     def create(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), jnp.zeros((batch, max_len), bool))
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        layers = range(config.num_hidden_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.zeros((), jnp.int32), jnp.zeros((batch, max_len), bool))
+
+    @property
+    def stacked_keys(self) -> jax.Array:
+        return jnp.stack(self.keys)
+
+    @property
+    def stacked_values(self) -> jax.Array:
+        return jnp.stack(self.values)
 
 
 class Embedding(nnx.Module):
@@ -88,7 +103,7 @@ def _linear(in_f, out_f, bias, dtype, rngs):
 def _attention_probs(q, k, allowed):
     """Softmax attention weights, float32 ``[b, kv, groups, s, k]`` (masked entries exactly 0)."""
     b, kv, groups, s, d = q.shape
-    scores = jnp.einsum("bkqd,bktd->bkqt", q.reshape(b, kv, groups * s, d), k) * (d**-0.5)
+    scores = batched_einsum("bkqd,bktd->bkqt", q.reshape(b, kv, groups * s, d), k) * (d**-0.5)
     scores = scores.reshape(b, kv, groups, s, k.shape[2]).astype(jnp.float32)
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1)
@@ -115,7 +130,7 @@ def _attention_fwd(q, k, v, allowed):
     b, kv, groups, s, d = q.shape
     probs = _attention_probs(q, k, allowed)
     flat = probs.reshape(b, kv, groups * s, k.shape[2]).astype(v.dtype)
-    out = jnp.einsum("bkqt,bktd->bkqd", flat, v).reshape(q.shape)
+    out = batched_einsum("bkqt,bktd->bkqd", flat, v).reshape(q.shape)
     return out, (q, k, v, allowed, probs)
 
 
@@ -125,16 +140,16 @@ def _attention_bwd(residuals, grad_out):
     t = k.shape[2]
     p = probs.reshape(b, kv, groups * s, t)
     grad_out = grad_out.reshape(b, kv, groups * s, d)
-    grad_p = jnp.einsum("bkqd,bktd->bkqt", grad_out, v).astype(jnp.float32)
+    grad_p = batched_einsum("bkqd,bktd->bkqt", grad_out, v).astype(jnp.float32)
     grad_scores = p * (grad_p - jnp.sum(grad_p * p, axis=-1, keepdims=True))
     mask = jnp.broadcast_to(allowed[:, None, None, :, :], (b, kv, groups, s, t)).reshape(b, kv, groups * s, t)
     grad_scores = (jnp.where(mask, grad_scores, 0.0) * (d**-0.5)).astype(q.dtype)
     q_flat = q.reshape(b, kv, groups * s, d)
-    grad_q = jnp.einsum("bkqt,bktd->bkqd", grad_scores, k).reshape(q.shape)
+    grad_q = batched_einsum("bkqt,bktd->bkqd", grad_scores, k).reshape(q.shape)
     # [d, k] products, transposed after the barrier (which keeps XLA from folding the transposes back).
     grad_k_t, grad_v_t = jax.lax.optimization_barrier((
-        jnp.einsum("bkqd,bkqt->bkdt", q_flat, grad_scores),
-        jnp.einsum("bkqd,bkqt->bkdt", grad_out, p.astype(grad_out.dtype))))
+        batched_einsum("bkqd,bkqt->bkdt", q_flat, grad_scores),
+        batched_einsum("bkqd,bkqt->bkdt", grad_out, p.astype(grad_out.dtype))))
     return (grad_q, grad_k_t.swapaxes(2, 3).astype(k.dtype), grad_v_t.swapaxes(2, 3).astype(v.dtype),
             np.zeros(allowed.shape, jax.dtypes.float0))
 
@@ -158,27 +173,29 @@ class LlamaAttention(nnx.Module):
         same_segment ``[b, s, k]`` bool or None (packed sequences: attend within one example only).
 
         With ``cache_kv = (keys, values, start)`` the new keys/values are written at ``start`` into
-        the cached ``[b, max_len, kv, d]`` arrays, attention runs over all cached positions, and the
+        the cached ``[b, kv, max_len, d]`` arrays, attention runs over all cached positions, and the
         updated arrays are returned too.
         """
         b, s, _ = x.shape
         q = apply_rotary(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        # Head-major layouts for the attention matmuls: queries [b, kv, groups, s, d], keys/values [b, kv, k, d]
+        # (the cache is kept in that layout, so decoding does not transpose it at every token).
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         new_cache = None
         if cache_kv is not None:
             cached_k, cached_v, start = cache_kv
-            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, start, 0, 0))
+            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, 0, start, 0))
+            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, start, 0))
             new_cache = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         groups = self.num_heads // self.num_kv_heads
         allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_mask[:, None, :]  # [b, q, k]
         if same_segment is not None:
             allowed = allowed & same_segment
-        # Head-major layouts for the attention matmuls: queries [b, kv, groups, s, d], keys/values [b, kv, k, d].
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
-        out = grouped_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed)
+        out = grouped_attention(q, k, v, allowed)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
         return self.o_proj(out), new_cache
 
@@ -296,7 +313,7 @@ class LlamaForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``[..., vocab]`` of final hidden states ``[..., hidden]`` (from `hidden_states`)."""
         if self.lm_head is None:
-            logits = hidden @ self.model.embed_tokens.weight[...].astype(hidden.dtype).T
+            logits = linear_matmul(hidden, self.model.embed_tokens.weight[...].astype(hidden.dtype))
         else:
             logits = self.lm_head(hidden)
         return logits.astype(jnp.float32)
@@ -332,21 +349,22 @@ class LlamaForCausalLM(nnx.Module):
             # has positions cumsum(mask) - 1 that lag its slots, and must still see its own tokens.
             # Slots beyond what has been written are masked by key_mask (False there).
             query_positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
-        new_keys, new_values = [], []
+        keys, values = (None, None) if cache is None else (list(cache.keys), list(cache.values))
         for i, layer in enumerate(self.model.layers):
-            cache_kv = None if cache is None else (cache.keys[i], cache.values[i], start)
+            cache_kv = None if cache is None else (keys[i], values[i], start)
             if self.gradient_checkpointing and cache is None:
                 x, _ = nnx.remat(lambda layer, *args: layer(*args))(layer, x, cos, sin, key_mask, query_positions, key_positions,
                                                                     None, same_segment)
             else:
                 x, layer_cache = layer(x, cos, sin, key_mask, query_positions, key_positions, cache_kv, same_segment)
                 if layer_cache is not None:
-                    new_keys.append(layer_cache[0])
-                    new_values.append(layer_cache[1])
+                    # Each layer's array is its own buffer (a loop carry in decoding), updated in place;
+                    # re-stacking the layers into one [layers, ...] array copied the whole cache every token.
+                    keys[i], values[i] = layer_cache
         x = self.model.norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(jnp.stack(new_keys), jnp.stack(new_values), start + s, key_mask)
+        return x, KVCache(tuple(keys), tuple(values), start + s, key_mask)
 
 
 def count_parameters(model: nnx.Module, filter=nnx.Param) -> int:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora.nn.matmul import linear_matmul
+
 
 def torch_linear_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
     """``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), torch's nn.Linear init."""
@@ -79,7 +81,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # The activation dtype is the compute dtype: the weight is cast to it (a no-op when equal).
-        y = x @ self.weight[...].astype(x.dtype).T
+        y = linear_matmul(x, self.weight[...].astype(x.dtype))
         if self.bias is not None:
             y = y + broadcast_last(self.bias[...].astype(y.dtype), y.ndim)
         return y

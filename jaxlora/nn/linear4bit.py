@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.nn.linear import broadcast_last
+from jaxlora.nn.matmul import dot
 from jaxlora.quant import QuantizedTensor, block_scales, dequantize_4bit, quantize_4bit
 from jaxlora.quant.codebooks import DECODE_4BIT
 from jaxlora.quant.fourbit import decode_4bit
@@ -48,7 +49,7 @@ def quantized_matmul(x: jax.Array, q: QuantizedTensor, compute_dtype) -> jax.Arr
 
     Shapes: x ``[..., in]``, q ``[out, in]`` -> ``[..., out]`` in ``compute_dtype``.
     """
-    return x.astype(compute_dtype) @ _dequantize_after(q, x, compute_dtype).T
+    return dot(x.astype(compute_dtype), _dequantize_after(q, x, compute_dtype), (-1, 1))
 
 
 def _dequantize_after(q: QuantizedTensor, data: jax.Array, dtype) -> jax.Array:
@@ -66,7 +67,7 @@ def _quantized_matmul_fwd(x, q, compute_dtype):
 def _quantized_matmul_bwd(compute_dtype, residuals, g):
     q, x_dtype_marker = residuals
     w = _dequantize_after(q, g, compute_dtype)
-    dx = (g.astype(compute_dtype) @ w).astype(x_dtype_marker.dtype)
+    dx = dot(g.astype(compute_dtype), w, (-1, 0)).astype(x_dtype_marker.dtype)
     return dx, jax.tree.map(_zero_cotangent, q)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxlora.nn.matmul import dot
 from jaxlora.train.data import IGNORE_INDEX
 from jaxlora.train.optim import offloaded_update
 
@@ -70,7 +71,7 @@ def _chunks(hidden, targets, chunk):
 
 
 def _chunk_logits(h, weight):
-    return (h @ weight.astype(h.dtype).T).astype(jnp.float32)
+    return dot(h, weight.astype(h.dtype), (-1, 1)).astype(jnp.float32)
 
 
 def _chunk_softmax_grad(h, weight, t):
@@ -115,7 +116,7 @@ def _chunked_cross_entropy_fwd(hidden, weight, targets, chunk):
     def body(total, xs):
         hc, tc = xs
         loss, grad_logits = _chunk_softmax_grad(hc, weight, tc)
-        return total + loss, grad_logits @ weight.astype(hc.dtype)
+        return total + loss, dot(grad_logits, weight.astype(hc.dtype), (-1, 0))
 
     total, grad_h = jax.lax.scan(body, jnp.float32(0.0), (h, t))
     return total, (grad_h, h, t, weight, jnp.zeros(hidden.shape[:2] + (0,), hidden.dtype))
@@ -130,7 +131,7 @@ def _chunked_cross_entropy_bwd(chunk, residuals, g):
     def body(grad_w, xs):
         hc, tc = xs
         _, grad_logits = _chunk_softmax_grad(hc, weight, tc)
-        return grad_w + (grad_logits.T @ hc).astype(jnp.float32), None
+        return grad_w + dot(grad_logits, hc, (0, 0)).astype(jnp.float32), None
 
     grad_w, _ = jax.lax.scan(body, jnp.zeros(weight.shape, jnp.float32), (h, t))
     return grad_hidden, (grad_w * g).astype(weight.dtype), np.zeros(shape[:2], jax.dtypes.float0)

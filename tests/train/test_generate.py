@@ -101,8 +101,10 @@ def test_each_row_caches_its_prompt_as_if_alone(tiny):
         assert int(decoding.cache.length) == width
         slots = np.arange(64)
         np.testing.assert_array_equal(np.asarray(decoding.cache.mask[i]), (slots >= first) & (slots < width))
-        assert_rel_close(decoding.cache.keys[:, i, first:width], alone.keys[:, 0], 1e-5, f"row {i} keys")
-        assert_rel_close(decoding.cache.values[:, i, first:width], alone.values[:, 0], 1e-5, f"row {i} values")
+        # stacked: [layers, batch, kv_heads, slots, head_dim]
+        assert_rel_close(decoding.cache.stacked_keys[:, i, :, first:width], alone.stacked_keys[:, 0], 1e-5, f"row {i} keys")
+        assert_rel_close(decoding.cache.stacked_values[:, i, :, first:width], alone.stacked_values[:, 0], 1e-5,
+                         f"row {i} values")
 
 
 def test_greedy_stops_at_eos_like_transformers(tiny):

@@ -1,0 +1,75 @@
+"""jaxlora.nn.matmul: 16-bit products accumulate in float32 without converting the operands first."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlora.nn.matmul import batched_einsum, dot, linear_matmul
+
+
+def _operands(dtype, shape_x=(2, 5, 64), shape_w=(24, 64)):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape_x), jnp.float32).astype(dtype)
+    w = jnp.asarray(rng.standard_normal(shape_w) * 0.1, jnp.float32).astype(dtype)
+    return x, w
+
+
+def _ulp_close(actual, expected, dtype):
+    """Within one unit in the last place of ``dtype`` (float32 sums in another order round differently)."""
+    eps = float(jnp.finfo(dtype).eps)
+    a, e = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    np.testing.assert_allclose(a, e, rtol=eps, atol=eps * float(np.abs(e).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_product_is_the_float32_product_rounded_once(dtype):
+    x, w = _operands(dtype)
+    out = linear_matmul(x, w)
+    assert out.dtype == dtype and out.shape == (2, 5, 24)
+    _ulp_close(out, (x.astype(jnp.float32) @ w.astype(jnp.float32).T).astype(dtype), dtype)
+    out32 = dot(x, w, (-1, 1), out_dtype=jnp.float32)
+    assert out32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out32), np.asarray(x.astype(jnp.float32) @ w.astype(jnp.float32).T),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", ["linear", "dot", "einsum"])
+def test_16bit_operands_reach_the_product_unconverted(fn):
+    """The point of the module: the lowered product takes bf16 operands and yields f32 (no f32 copies)."""
+    x, w = _operands(jnp.bfloat16)
+    f = {"linear": lambda x, w: linear_matmul(x, w),
+         "dot": lambda x, w: dot(x, w, (-1, 1)),
+         "einsum": lambda x, w: batched_einsum("bsd,od->bso", x, w)}[fn]
+    text = jax.jit(f).lower(x, w).as_text()
+    products = [line for line in text.splitlines() if "dot_general" in line]
+    assert products, text
+    for line in products:
+        assert re.search(r"tensor<[0-9x]*xbf16>, tensor<[0-9x]*xbf16>\) -> tensor<[0-9x]*xf32>", line), line
+
+
+def test_float32_is_the_plain_product_bit_for_bit():
+    x, w = _operands(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(linear_matmul(x, w)), np.asarray(x @ w.T))
+    g = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 24)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(dot(g, w, (-1, 0))), np.asarray(g @ w))
+    a, b = g.reshape(-1, 24), x.reshape(-1, 64)
+    np.testing.assert_array_equal(np.asarray(dot(a, b, (0, 0))), np.asarray(a.T @ b))
+
+
+def test_16bit_gradients_match_the_float32_reference():
+    x, w = _operands(jnp.bfloat16)
+    g = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 24)), jnp.float32).astype(jnp.bfloat16)
+    _, vjp = jax.vjp(linear_matmul, x, w)
+    grad_x, grad_w = vjp(g)
+    assert grad_x.dtype == jnp.bfloat16 and grad_w.dtype == jnp.bfloat16
+    x32, w32, g32 = (a.astype(jnp.float32) for a in (x, w, g))
+    _ulp_close(grad_x, (g32 @ w32).astype(jnp.bfloat16), jnp.bfloat16)
+    _ulp_close(grad_w, (g32.reshape(-1, 24).T @ x32.reshape(-1, 64)).astype(jnp.bfloat16), jnp.bfloat16)
+    text = jax.jit(lambda x, w, g: jax.vjp(linear_matmul, x, w)[1](g)).lower(x, w, g).as_text()
+    for line in (line for line in text.splitlines() if "dot_general" in line):
+        assert "xbf16>, tensor<" in line and "xf32>" in line.split("->")[-1], line
