@@ -1,15 +1,24 @@
 """python experiments/bench_train.py --markdown experiments/results/train.md --plot experiments/results/train.png
 
-Training and generation throughput on CPU, jaxlora against transformers + PEFT (+ bitsandbytes), all
-measured in one run on the same machine, each configuration in a fresh subprocess (so that its peak
-RSS, ru_maxrss, is its own; the parent imports nothing heavy).
+Training and generation throughput, jaxlora against transformers + PEFT (+ bitsandbytes), all measured in
+one run on the same machine, each configuration in a fresh subprocess (so that its peak RSS, ru_maxrss,
+and on a GPU its peak device memory, is its own; the parent imports nothing heavy).
 
-Training: SmolLM2-135M-Instruct, batch 4 x 256 random token ids (seed 0, the same batch every step,
-every position in the loss), float32, LoRA r=16 / alpha 32 on q,k,v,o,gate,up,down, dropout 0, AdamW lr
-1e-4 (torch's defaults otherwise: betas 0.9/0.999, eps 1e-8, weight decay 0.01; no clipping). jaxlora runs
+Where: ``--device cpu`` (default) or ``--device cuda`` (torch on "cuda", jax on its default backend,
+which must then be "gpu"). What: SmolLM2-135M-Instruct (`torch_bridge.smollm2.ensure_smollm2`), or the
+Hugging Face Llama checkpoint directory given with ``--model DIR`` (safetensors; no tokenizer needed).
+``--train-only`` leaves out the generation cases. On cuda the run keeps to a time budget (270 s; a
+configuration gets at most 120 s), runs the matmul ceilings and the main pairs first, does not wait for a
+quiet machine, and takes 20 steps after 5 warm-up steps. The cases themselves are in bench_train_cases.py;
+without bitsandbytes the PEFT+bnb cases are reported as skipped.
+
+Training: batch 4 x 256 random token ids (seed 0, the same batch every step, every position in the loss),
+float32, LoRA r=16 / alpha 32 on q,k,v,o,gate,up,down, dropout 0, AdamW lr 1e-4 (torch's defaults
+otherwise: betas 0.9/0.999, eps 1e-8, weight decay 0.01; no clipping). jaxlora runs
 `jaxlora.train.step.make_train_step` (the trainer's step); torch runs ``loss = model(ids, labels=ids).loss;
 loss.backward(); opt.step(); opt.zero_grad()``. tokens/s = 1024 / median step time after the warm-up
-steps (jaxlora's first call compiles; its time is reported separately).
+steps (jaxlora's first call compiles; its time is reported separately). On CUDA float32 matmuls are true
+float32 in both frameworks (torch's default; jax's GPU default would be TF32) unless ``--tf32``.
 
 Generation: batch 1, 256-token random prompt, greedy, float32, no EOS stop. Decode rate = 64 / (t(65 new
 tokens) - t(1 new token)), medians of repeated calls after a warm-up call: jaxlora's `Generator` against
@@ -23,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +43,7 @@ BATCH, SEQ, RANK, ALPHA, LR = 4, 256, 16, 32, 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT, NEW = 256, 64
 
-# name: (framework, method, gradient checkpointing, compute dtype); table order = run order (pairs adjacent).
+# name: (framework, method, gradient checkpointing, compute dtype); table order = CPU run order (pairs adjacent).
 TRAIN = {
     "jaxlora LoRA": ("jax", "lora", False, "fp32"), "PEFT LoRA": ("torch", "lora", False, "fp32"),
     "jaxlora LoRA ckpt": ("jax", "lora", True, "fp32"), "PEFT LoRA ckpt": ("torch", "lora", True, "fp32"),
@@ -44,89 +54,24 @@ TRAIN = {
     "PEFT+bnb QLoRA bf16 ckpt": ("torch", "qlora", True, "bf16"),
     "jaxlora full FT": ("jax", "full", False, "fp32"), "torch full FT": ("torch", "full", False, "fp32"),
 }
-OTHER = ["matmul", "jaxlora generate", "transformers generate"]
-# Reference figures measured on this machine before (tok/s, GB); None = not measured then.
+GENERATE = ["jaxlora generate", "transformers generate"]
+OTHER = ["matmul", *GENERATE]
+# On CUDA the run has a time budget: the main pairs first, so that a cut-off run still compares like with like.
+CUDA_ORDER = ["matmul", *(n for pair in ["LoRA", "QLoRA", "QLoRA bf16", "LoRA ckpt", "QLoRA ckpt", "QLoRA bf16 ckpt"]
+                          for n in (f"jaxlora {pair}", f"{'PEFT+bnb' if 'QLoRA' in pair else 'PEFT'} {pair}")),
+              "jaxlora full FT", "torch full FT", *GENERATE]
+# Per device: (steps, warm-up steps, generation repetitions) for (full run, --quick); matmul repetitions.
+STEPS = {"cpu": ((5, 2, 5), (2, 1, 2)), "cuda": ((20, 5, 10), (5, 2, 3))}
+MATMUL = {"cpu": (2048, 15, 5), "cuda": (8192, 30, 10)}  # (size, reps, --quick reps)
+# Defaults that differ per device: seconds a configuration may take, total time budget, waiting for a quiet machine.
+DEVICE_DEFAULTS = {"cpu": {"case_timeout": 1800, "time_budget": None, "max_wait": 300, "retries": 2},
+                   "cuda": {"case_timeout": 120, "time_budget": 270, "max_wait": 0, "retries": 0}}
+PROBE_TIMEOUT = 120  # seconds for the child process that reports versions, the GPU and bitsandbytes
+MIN_CASE_S = 20  # a configuration is not started with less time than this left in the budget
+# Reference figures measured on the CPU development machine before (tok/s, GB); None = not measured then.
 REFERENCE = {"PEFT LoRA": (178, 3.9), "PEFT LoRA ckpt": ("124-135", 2.7), "PEFT+bnb QLoRA": (174, 4.0),
              "PEFT+bnb QLoRA ckpt": (100, 3.1), "PEFT+bnb QLoRA bf16": (222, 3.9),
              "PEFT+bnb QLoRA bf16 ckpt": (160, 2.8), "torch full FT": (121, 4.3), "transformers generate": (15.6, 1.0)}
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def timed(fn, reps: int) -> list[float]:
-    """Wall times of ``reps`` calls of ``fn`` (which blocks until its result is ready)."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def step_flops(cfg: dict, lora_params: int, method: str, ckpt: bool) -> dict:
-    """FLOPs of one training step (formula in the results file): matmul parameters N (decoder
-    projections + lm_head), tokens T, attention A = 4*b*heads*s^2*head_dim per layer forward."""
-    layer = cfg["hidden_size"] * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * cfg["head_dim"] \
-        + 3 * cfg["hidden_size"] * cfg["intermediate_size"]
-    n_layers, n_head = cfg["num_hidden_layers"] * layer, cfg["vocab_size"] * cfg["hidden_size"]
-    tokens = BATCH * SEQ
-    attn_fwd = cfg["num_hidden_layers"] * 4 * BATCH * cfg["num_attention_heads"] * SEQ * SEQ * cfg["head_dim"]
-    n = n_layers + n_head
-    if method == "full":
-        flops = 6 * n * tokens + 3 * attn_fwd
-    else:
-        flops = 4 * n * tokens + 6 * lora_params * tokens + 3 * attn_fwd
-    if ckpt:  # one more forward of the decoder layers (the lm_head is not recomputed)
-        flops += 2 * n_layers * tokens + 2 * lora_params * tokens + attn_fwd
-    return {"flops": flops, "n_matmul": n, "n_layers": n_layers, "n_head": n_head, "attn_fwd": attn_fwd}
-
-
-def run_jax_train(name: str, steps: int, warmup: int) -> dict:
-    import jax
-    from flax import nnx
-
-    from jaxlora.peft import LoraConfig, get_peft_model
-    from jaxlora.train.optim import OptimizerConfig, make_optimizer
-    from jaxlora.train.step import make_train_step, split_trainable
-    from torch_bridge import load_llama
-    from torch_bridge.smollm2 import ensure_smollm2
-    _, method, ckpt, compute = TRAIN[name]
-    path = ensure_smollm2()
-    kwargs = {"quantize": "nf4", "double_quant": True} if method == "qlora" else {}
-    model = load_llama(path, compute_dtype="bfloat16" if compute == "bf16" else None, **kwargs)
-    model.gradient_checkpointing = ckpt
-    wrt = nnx.Param if method == "full" else nnx.LoRAParam
-    if method != "full":
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS),
-                               rngs=nnx.Rngs(params=0, dropout=1))
-    graphdef, trainable, rest = split_trainable(model, wrt)
-    trainable_params = sum(int(x.size) for x in jax.tree.leaves(trainable))
-    tx = make_optimizer(OptimizerConfig(learning_rate=LR, weight_decay=0.01, max_grad_norm=None,
-                                        lr_scheduler_type="constant"), steps + warmup + 1)
-    opt_state = tx.init(trainable)
-    step = make_train_step(graphdef, tx, wrt=wrt)
-    ids = jax.random.randint(jax.random.key(0), (1, BATCH, SEQ), 0, model_config(path)["vocab_size"])
-    batch = {"input_ids": ids, "labels": ids}
-    state = [trainable, rest, opt_state]
-    losses = []
-
-    def one_step():
-        state[0], state[1], state[2], metrics = step(*state, batch)
-        losses.append(float(metrics["loss"]))  # blocks until the step is done
-
-    compile_events = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compile_events.append(secs) if event.startswith("/jax/core/compile/") else None)
-    first = timed(one_step, 1)[0]  # trace + lower + compile + the first run, as in the trainer
-    compile_s = sum(compile_events)
-    timed(one_step, warmup)
-    times = timed(one_step, steps)
-    peak = peak_rss_gb()  # before the extra compilation below
-    temp = step.lower(*state, batch).compile().memory_analysis().temp_size_in_bytes
-    return {"times": times, "first_call_s": first, "compile_s": compile_s, "loss_first": losses[0],
-            "loss_last": losses[-1], "trainable": trainable_params, "xla_temp_gb": temp / 1e9, "peak_rss_gb": peak}
 
 
 def model_config(path) -> dict:
@@ -136,137 +81,55 @@ def model_config(path) -> dict:
     return cfg
 
 
-def run_torch_train(name: str, steps: int, warmup: int) -> dict:
-    import torch
-    import transformers
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from torch_bridge.smollm2 import ensure_smollm2
-    _, method, ckpt, compute = TRAIN[name]
-    path = ensure_smollm2()
-    torch.manual_seed(0)
-    kwargs = {}
-    if method == "qlora":
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if compute == "bf16" else torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    model.config.use_cache = False
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
-    elif ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method != "full":
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model_config(path)["vocab_size"], (BATCH, SEQ), generator=gen)
-    losses = []
-
-    def one_step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-
-    first = timed(one_step, 1)[0]
-    timed(one_step, warmup)
-    times = timed(one_step, steps)
-    return {"times": times, "first_call_s": first, "loss_first": losses[0], "loss_last": losses[-1],
-            "trainable": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
+PROBE = """
+import json, jax, flax, optax, torch, transformers, peft
+out = {"versions": f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, torch {torch.__version__} "
+       f"(threads {torch.get_num_threads()}), transformers {transformers.__version__}, peft {peft.__version__}",
+       "jax_backend": jax.default_backend(), "jax_device": jax.devices()[0].device_kind,
+       "torch_cuda": torch.cuda.is_available(), "torch_version": torch.__version__}
+if out["torch_cuda"]:
+    p = torch.cuda.get_device_properties(0)
+    out["gpu"] = f"{p.name}, {p.total_memory / 2**30:.1f} GiB"
+try:
+    import bitsandbytes
+    out["bnb"] = bitsandbytes.__version__
+except ImportError as err:
+    out["bnb"], out["bnb_error"] = None, f"{type(err).__name__}: {err}"
+print("PROBE " + json.dumps(out))
+"""
 
 
-def run_matmul(reps: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32)
-    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-    mm = jax.jit(jnp.matmul)
-    flops = 2 * 2048**3
-    out = {}
-    for label, fn in [("jax", lambda: mm(ja, jb).block_until_ready()), ("torch", lambda: ta @ tb)]:
-        timed(fn, 3)
-        times = timed(fn, reps)
-        out[label] = {"median": flops / statistics.median(times) / 1e9, "best": flops / min(times) / 1e9}
-    return out
+def probe_environment(opts) -> dict:
+    """Library versions, the GPU, whether bitsandbytes imports: one child process (the parent stays light)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=child_env(opts),
+                              timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"bench_train.py: the environment check (importing jax, torch, ...) took over {PROBE_TIMEOUT} s")
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
+    if proc.returncode or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(f"bench_train.py: the environment check failed (rc {proc.returncode}): {tail}")
+    probe = json.loads(line[len("PROBE "):])
+    if opts.device == "cuda" and not (probe["torch_cuda"] and probe["jax_backend"] == "gpu"):
+        sys.exit(f"bench_train.py: --device cuda needs a GPU for torch and jax; here torch.cuda.is_available() is "
+                 f"{probe['torch_cuda']} (torch {probe['torch_version']}) and jax.default_backend() is "
+                 f"{probe['jax_backend']!r}")
+    return probe
 
 
-def run_generate(name: str, reps: int) -> dict:
-    import numpy as np
-
-    from torch_bridge.smollm2 import ensure_smollm2
-    path = ensure_smollm2()
-    prompt = np.random.default_rng(0).integers(0, model_config(path)["vocab_size"], PROMPT).tolist()
-    if name.startswith("jaxlora"):
-        from jaxlora.train.generate import GenerationConfig, Generator
-        from torch_bridge import load_llama
-        generator = Generator(load_llama(path))
-
-        def generate(n):
-            return generator([prompt], GenerationConfig(max_new_tokens=n))[0]
-    else:
-        import torch
-        import transformers
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        ids = torch.tensor([prompt])
-
-        def generate(n):
-            with torch.inference_mode():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                     do_sample=False, pad_token_id=0)
-            return out[0, PROMPT:].tolist()
-
-    result = {}
-    for n in (1, NEW + 1):
-        start = time.perf_counter()
-        tokens = generate(n)
-        result[f"first_{n}"] = time.perf_counter() - start
-        assert len(tokens) == n, f"{name}: asked for {n} tokens, got {len(tokens)}"
-        result[f"times_{n}"] = timed(lambda: generate(n), reps)
-        result[f"tokens_{n}"] = tokens
-    t1, t65 = (statistics.median(result[f"times_{n}"]) for n in (1, NEW + 1))
-    result["decode_tok_s"] = NEW / (t65 - t1)
-    result["prefill_s"] = t1
-    return result
-
-
-def run_case(name: str, quick: bool) -> dict:
-    sys.path.insert(0, ROOT)
-    steps, warmup, reps = (2, 1, 2) if quick else (5, 2, 5)
-    start = time.perf_counter()
-    if name in TRAIN:
-        framework, method, ckpt, _ = TRAIN[name]
-        result = (run_jax_train if framework == "jax" else run_torch_train)(name, steps, warmup)
-        from torch_bridge.smollm2 import ensure_smollm2
-        lora = result["trainable"] if method != "full" else 0
-        result.update(step_flops(model_config(ensure_smollm2()), lora, method, ckpt))
-    elif name == "matmul":
-        result = run_matmul(5 if quick else 15)
-    else:
-        result = run_generate(name, reps)
-    return {"peak_rss_gb": peak_rss_gb(), **result, "wall_s": time.perf_counter() - start}
-
-
-def machine_info() -> list[str]:
+def machine_info(probe: dict) -> list[str]:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     with open("/proc/meminfo") as f:
         mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) / 2**20
-    versions = subprocess.run([sys.executable, "-c", (
-        "import jax, flax, optax, torch, transformers, peft, bitsandbytes as b; print(f'jax {jax.__version__}, "
-        "flax {flax.__version__}, optax {optax.__version__}, torch {torch.__version__} "
-        "(threads {torch.get_num_threads()}), transformers {transformers.__version__}, peft {peft.__version__}, "
-        "bitsandbytes {b.__version__}')")], capture_output=True, text=True, check=True).stdout.strip()
-    return [f"CPU: {cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM ({platform.machine()}, Linux {platform.release()})",
-            f"python {platform.python_version()}, {versions}"]
+    bnb = f"bitsandbytes {probe['bnb']}" if probe["bnb"] else f"bitsandbytes not installed ({probe['bnb_error']})"
+    lines = [f"CPU: {cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM ({platform.machine()}, Linux {platform.release()})",
+             f"python {platform.python_version()}, {probe['versions']}, {bnb}"]
+    if "gpu" in probe:
+        lines.insert(1, f"GPU: {probe['gpu']} (torch); jax backend {probe['jax_backend']}, {probe['jax_device']}")
+    return lines
 
 
 def load_average() -> str:
@@ -297,17 +160,40 @@ def wait_for_quiet(max_others: float, max_wait: float) -> float:
     return time.perf_counter() - start
 
 
-def run_configuration(name: str, quick: bool) -> dict:
-    """Run one configuration in a fresh process; adds the cores other processes used meanwhile."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", name] + (["--quick"] if quick else [])
+def child_env(opts) -> dict:
+    env = dict(os.environ)
+    if opts.device == "cpu":  # on a machine with a GPU, jax would otherwise take it
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def run_configuration(name: str, opts, timeout: float) -> dict:
+    """Run one configuration in a fresh process; adds the cores other processes used meanwhile.
+    A failure or timeout is returned as {"error": ...} (the other configurations still run)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", name, "--device", opts.device] \
+        + (["--model", opts.model] if opts.model else []) + (["--quick"] if opts.quick else []) \
+        + (["--tf32"] if opts.tf32 else [])
     busy, own, start = busy_seconds(), children_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, env=child_env(opts))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - start
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        sys.exit(f"configuration {name!r} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+        print(f"configuration {name!r} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}", file=sys.stderr)
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"failed (rc {proc.returncode}): {tail[-300:]}"}
     others = max(0.0, (busy_seconds() - busy) - (children_seconds() - own)) / wall
     return {**json.loads(line[len("RESULT "):]), "others_cores": others}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def main() -> None:
@@ -315,44 +201,99 @@ def main() -> None:
     parser.add_argument("--case", help="(internal) run one configuration in this process, print its JSON")
     parser.add_argument("--only", action="append", default=[],
                         help="run only this configuration (repeatable; names as in the table, e.g. 'PEFT LoRA')")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu (default) or cuda: torch on the GPU, jax on its default backend (must be gpu)")
+    parser.add_argument("--model", metavar="DIR", help="Hugging Face Llama checkpoint directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--train-only", action="store_true", help="leave out the generation cases")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 for float32 matmuls in both frameworks")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps and repetitions")
     parser.add_argument("--markdown", metavar="PATH", help="write the results to this markdown file")
-    parser.add_argument("--plot", metavar="PATH", help="write a bar chart (tokens/s and peak RSS) to this PNG")
+    parser.add_argument("--plot", metavar="PATH", help="write a bar chart (tokens/s and peak memory) to this PNG")
     parser.add_argument("--max-others", type=float, default=0.25,
                         help="rerun a configuration when other processes used more cores than this meanwhile (default 0.25)")
-    parser.add_argument("--retries", type=int, default=2, help="reruns per configuration (default 2)")
-    parser.add_argument("--max-wait", type=float, default=300, help="seconds to wait for a quiet machine before each run")
+    parser.add_argument("--retries", type=int, help="reruns per configuration (default: cpu 2, cuda 0)")
+    parser.add_argument("--max-wait", type=float,
+                        help="seconds to wait for a quiet machine before each run (default: cpu 300, cuda 0)")
+    parser.add_argument("--case-timeout", type=float, help="seconds one configuration may take (default: cpu 1800, cuda 120)")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds for the whole run; configurations that no longer fit are reported as not run "
+                             "(default: cpu none, cuda 270)")
     args = parser.parse_args()
+    for key, value in DEVICE_DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.case:
-        print("RESULT " + json.dumps(run_case(args.case, args.quick)), flush=True)
+        from bench_train_cases import run_case
+        print("RESULT " + json.dumps(run_case(args.case, args)), flush=True)
         return
-    names = args.only or [*TRAIN, *OTHER]
+    if args.model:
+        args.model = os.path.abspath(args.model)
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            sys.exit(f"bench_train.py: --model {args.model}: no config.json there (expected a Hugging Face checkpoint directory)")
+    default = CUDA_ORDER if args.device == "cuda" else [*TRAIN, *OTHER]
+    names = [n for n in args.only or default if not (args.train_only and n in GENERATE)]
     unknown = [n for n in names if n not in TRAIN and n not in OTHER]
     if unknown:
         sys.exit(f"unknown configuration(s) {unknown}; choose from {[*TRAIN, *OTHER]}")
     command = "python " + " ".join(sys.argv)
-    info, load_start, start, results = machine_info(), load_average(), time.perf_counter(), {}
+    start = time.perf_counter()
+    probe = probe_environment(args)
+    info, load_start, results = machine_info(probe), load_average(), {}
     print("\n".join(info), file=sys.stderr)
-    waited = 0.0
+    signal.signal(signal.SIGTERM, _interrupt)  # e.g. from `timeout`: the running child is killed, the report written
+    waited, stopped = 0.0, None
     for name in names:
-        for attempt in range(args.retries + 1):
-            waited += wait_for_quiet(args.max_others, args.max_wait)
-            result = run_configuration(name, args.quick)
-            if result["others_cores"] <= args.max_others or attempt == args.retries:
-                break
-            print(f"{name}: other processes used {result['others_cores']:.2f} cores meanwhile; again", file=sys.stderr)
-        results[name] = r = {**result, "load": load_average(), "attempts": attempt + 1}
-        detail = f"{BATCH * SEQ / statistics.median(r['times']):.1f} tok/s" if "times" in r else \
-            f"{r['decode_tok_s']:.1f} decode tok/s" if "decode_tok_s" in r else json.dumps(r)
-        print(f"{name}: {detail}, peak RSS {r['peak_rss_gb']:.2f} GB, {r['wall_s']:.0f} s, others "
-              f"{r['others_cores']:.2f} cores, load {r['load']}", file=sys.stderr, flush=True)
+        if stopped:
+            results[name] = {"skipped": f"not run: {stopped}"}
+            continue
+        if name in TRAIN and TRAIN[name][:2] == ("torch", "qlora") and not probe["bnb"]:
+            results[name] = {"skipped": f"bitsandbytes not installed ({probe['bnb_error']})"}
+            print(f"{name}: skipped, {results[name]['skipped']}", file=sys.stderr, flush=True)
+            continue
+        result, attempts = None, 0
+        try:
+            for attempt in range(args.retries + 1):
+                waited += wait_for_quiet(args.max_others, args.max_wait)
+                timeout = args.case_timeout
+                if args.time_budget is not None:
+                    left = args.time_budget - (time.perf_counter() - start)
+                    if left < MIN_CASE_S:
+                        stopped = f"the time budget ({args.time_budget:.0f} s) was spent"
+                        break
+                    timeout = min(timeout, left)
+                result, attempts = run_configuration(name, args, timeout), attempt + 1
+                if "error" in result or "skipped" in result or result["others_cores"] <= args.max_others \
+                        or attempt == args.retries:
+                    break
+                print(f"{name}: other processes used {result['others_cores']:.2f} cores meanwhile; again", file=sys.stderr)
+        except Interrupted as err:
+            stopped = f"the run was stopped ({err})"
+        if result is None:  # a rerun cut short keeps the run before it
+            results[name] = {"skipped": f"not run: {stopped}"}
+            continue
+        results[name] = r = {**result, "load": load_average(), "attempts": attempts}
+        detail = r.get("error") or r.get("skipped") or \
+            (f"{BATCH * SEQ / statistics.median(r['times']):.1f} tok/s" if "times" in r else
+             f"{r['decode_tok_s']:.1f} decode tok/s" if "decode_tok_s" in r else json.dumps(r))
+        if "peak_rss_gb" in r:
+            gpu = f", GPU peak {r['gpu_peak_gb']:.2f} GB" if r.get("gpu_peak_gb") is not None else ""
+            detail += f", peak RSS {r['peak_rss_gb']:.2f} GB{gpu}, {r['wall_s']:.0f} s, others " \
+                      f"{r['others_cores']:.2f} cores, load {r['load']}"
+        print(f"{name}: {detail}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     elapsed = time.perf_counter() - start
     from bench_train_report import write_plot, write_report  # the tables, targets and plot
+    steps, warmup, _ = STEPS[args.device][args.quick]
+    setup = {"device": args.device, "model": args.model, "model_config": model_config(args.model) if args.model else None,
+             "steps": steps, "warmup": warmup, "tf32": args.tf32, "max_wait": args.max_wait, "retries": args.retries,
+             "max_others": args.max_others, "matmul_size": MATMUL[args.device][0]}
     text = write_report(results, command=command, info=info, load=(load_start, load_average()), elapsed=elapsed,
-                        waited=waited, quick=args.quick, path=args.markdown)
+                        waited=waited, setup=setup, path=args.markdown)
     print(text)
     if args.plot:
-        write_plot(results, args.plot)
+        write_plot(results, args.plot, setup)
+    if any("error" in r for r in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
