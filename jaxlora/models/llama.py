@@ -43,12 +43,11 @@ from jaxlora.nn.matmul import batched_einsum, linear_matmul
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    keys/values: one ``[batch, kv_heads, max_len, head_dim]`` array per layer (head-major, the layout
-    attention multiplies in; a tuple: each layer's array is its own buffer, so a decoding step writes
-    its new position in place; `stacked_keys` / `stacked_values` give
-    ``[layers, batch, kv_heads, max_len, head_dim]``); ``length``: int32 scalar,
-    how many positions are filled; ``mask``: ``[batch, max_len]`` bool, which cached positions are
-    real tokens.
+    keys/values: one ``[batch * kv_heads, max_len, head_dim]`` array per layer (head-major, the layout
+    attention multiplies in, with no unit axis for XLA to drop; a tuple: each layer's array is its own
+    buffer, so a decoding step writes its new position in place; `stacked_keys` / `stacked_values`
+    give ``[layers, batch, kv_heads, max_len, head_dim]``); ``length``: int32 scalar, how many
+    positions are filled; ``mask``: ``[batch, max_len]`` bool, which cached positions are real tokens.
     """
 
     keys: tuple[jax.Array, ...]
@@ -58,18 +57,22 @@ class KVCache:
 
     @classmethod
     def create(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (batch * config.num_key_value_heads, max_len, config.head_dim)
         layers = range(config.num_hidden_layers)
         return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
                    jnp.zeros((), jnp.int32), jnp.zeros((batch, max_len), bool))
 
+    def _stacked(self, arrays) -> jax.Array:
+        batch, max_len = self.mask.shape
+        return jnp.stack(arrays).reshape(len(arrays), batch, -1, max_len, arrays[0].shape[-1])
+
     @property
     def stacked_keys(self) -> jax.Array:
-        return jnp.stack(self.keys)
+        return self._stacked(self.keys)
 
     @property
     def stacked_values(self) -> jax.Array:
-        return jnp.stack(self.values)
+        return self._stacked(self.values)
 
 
 class Embedding(nnx.Module):
@@ -157,6 +160,27 @@ def _attention_bwd(residuals, grad_out):
 grouped_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array) -> jax.Array:
+    """`grouped_attention` over a KV cache, forward only, with batch and kv-heads as one leading axis.
+
+    Shapes: q ``[b, kv, groups, s, d]``; keys/values ``[b * kv, max_len, d]`` (the cache's layout);
+    allowed ``[b, s, max_len]`` -> ``[b, kv, groups, s, d]``.
+
+    The cache has no unit axis for XLA to drop: with ``[b, kv, max_len, d]`` arrays and ``b = 1``
+    XLA fused the cache update twice (into the returned cache and, through the reshape that drops
+    the unit axis, into the attention product), each on its own copy of the layer's cache: four
+    copies per layer and token.
+    """
+    b, kv, groups, s, d = q.shape
+    t = keys.shape[1]
+    q_flat = q.reshape(b * kv, groups * s, d)
+    scores = batched_einsum("nqd,ntd->nqt", q_flat, keys.astype(q.dtype)) * (d**-0.5)
+    scores = scores.reshape(b, kv, groups, s, t).astype(jnp.float32)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(b * kv, groups * s, t).astype(q.dtype)
+    return batched_einsum("nqt,ntd->nqd", probs, values.astype(q.dtype)).reshape(q.shape)
+
+
 class LlamaAttention(nnx.Module):
     """Grouped-query causal self-attention with rotary embeddings."""
 
@@ -173,7 +197,7 @@ class LlamaAttention(nnx.Module):
         same_segment ``[b, s, k]`` bool or None (packed sequences: attend within one example only).
 
         With ``cache_kv = (keys, values, start)`` the new keys/values are written at ``start`` into
-        the cached ``[b, kv, max_len, d]`` arrays, attention runs over all cached positions, and the
+        the cached ``[b * kv, max_len, d]`` arrays, attention runs over all cached positions, and the
         updated arrays are returned too.
         """
         b, s, _ = x.shape
@@ -183,19 +207,21 @@ class LlamaAttention(nnx.Module):
         # Head-major layouts for the attention matmuls: queries [b, kv, groups, s, d], keys/values [b, kv, k, d]
         # (the cache is kept in that layout, so decoding does not transpose it at every token).
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        new_cache = None
-        if cache_kv is not None:
-            cached_k, cached_v, start = cache_kv
-            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, 0, start, 0))
-            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, start, 0))
-            new_cache = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
         groups = self.num_heads // self.num_kv_heads
         allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_mask[:, None, :]  # [b, q, k]
         if same_segment is not None:
             allowed = allowed & same_segment
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
-        out = grouped_attention(q, k, v, allowed)
+        new_cache = None
+        if cache_kv is None:
+            out = grouped_attention(q, k, v, allowed)
+        else:
+            cached_k, cached_v, start = cache_kv
+            new_k = k.reshape(b * self.num_kv_heads, s, self.head_dim).astype(cached_k.dtype)
+            new_v = v.reshape(b * self.num_kv_heads, s, self.head_dim).astype(cached_v.dtype)
+            new_cache = (jax.lax.dynamic_update_slice(cached_k, new_k, (0, start, 0)),
+                         jax.lax.dynamic_update_slice(cached_v, new_v, (0, start, 0)))
+            out = cached_attention(q, *new_cache, allowed)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
         return self.o_proj(out), new_cache
 
