@@ -25,6 +25,10 @@ def is_low_precision(dtype) -> bool:
     return jnp.dtype(dtype) in _LOW_PRECISION
 
 
+def _accumulates_in_float32(a: jax.Array, b: jax.Array) -> bool:
+    return is_low_precision(a.dtype) and a.dtype == b.dtype
+
+
 def dot(a: jax.Array, b: jax.Array, contracting: tuple[int, int], out_dtype=None) -> jax.Array:
     """``dot_general`` of ``a`` and ``b`` over one axis each (no batch axes).
 
@@ -33,7 +37,7 @@ def dot(a: jax.Array, b: jax.Array, contracting: tuple[int, int], out_dtype=None
     and the result is cast to ``out_dtype`` (default: the operands' dtype).
     """
     axes = (contracting[0] % a.ndim, contracting[1] % b.ndim)
-    if is_low_precision(a.dtype) and a.dtype == b.dtype:
+    if _accumulates_in_float32(a, b):
         out = jax.lax.dot_general(a, b, ((axes[:1], axes[1:]), ((), ())), preferred_element_type=jnp.float32)
         return out.astype(out_dtype or a.dtype)
     out = _plain_product(a, b, axes)
@@ -54,7 +58,7 @@ def _plain_product(a, b, axes):
 
 def batched_einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     """``jnp.einsum(spec, a, b)`` with `dot`'s float32 accumulation for 16-bit operands."""
-    if is_low_precision(a.dtype) and a.dtype == b.dtype:
+    if _accumulates_in_float32(a, b):
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype or a.dtype)
     out = jnp.einsum(spec, a, b)
     return out if out_dtype is None else out.astype(out_dtype)
@@ -69,7 +73,7 @@ def linear_matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
     """
     if is_low_precision(x.dtype):
         return _low_precision_linear(x, weight)
-    return x @ weight.T
+    return dot(x, weight, (-1, 1))
 
 
 @jax.custom_vjp
