@@ -228,7 +228,7 @@ def run_generate(name: str, opts, reps: int) -> dict:
     path = model_dir(opts)
     prompt = np.random.default_rng(0).integers(0, model_config(path)["vocab_size"], PROMPT).tolist()
     if name.startswith("jaxlora"):
-        from jaxlora.train.generate import GenerationConfig, Generator
+        from jaxlora.generate import GenerationConfig, Generator
         from torch_bridge import load_llama
         check_jax_backend(opts)
         generator = Generator(load_llama(path))

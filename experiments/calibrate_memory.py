@@ -1,4 +1,4 @@
-"""Peak memory of real jaxlora training runs on this machine against `jaxlora.train.memory`.
+"""Peak memory of real jaxlora training runs on this machine against `jaxlora.cli.memory`.
 
     python experiments/calibrate_memory.py --markdown experiments/results/memory.md
 
@@ -114,7 +114,7 @@ def run_child(spec: dict, steps: int) -> dict:
 
 
 def estimate_for(spec: dict):
-    from jaxlora.train.memory import ModelShape, estimate_memory
+    from jaxlora.cli.memory import ModelShape, estimate_memory
 
     return estimate_memory(ModelShape.preset("135m"), method=spec["method"], rank=16, targets="all-linear",
                            batch=spec["batch"], seq=spec["seq"], grad_ckpt=spec["grad_ckpt"], dtype="float32",
@@ -122,11 +122,11 @@ def estimate_for(spec: dict):
 
 
 def fit_constants(results: list[tuple[dict, dict]]) -> tuple[float, float]:
-    """The two calibrated constants of `jaxlora.train.memory` for the CPU, from these runs:
+    """The two calibrated constants of `jaxlora.cli.memory` for the CPU, from these runs:
     the activation factor (geometric mean over the runs without checkpointing of XLA's temporaries
     over the unscaled activation model) and the runtime (median over all runs of the peak RSS minus
     every other term of the estimate, with the fitted factor)."""
-    from jaxlora.train.memory import ACTIVATION_FACTOR
+    from jaxlora.cli.memory import ACTIVATION_FACTOR
 
     logs = [math.log(m["xla_temp"] * ACTIVATION_FACTOR["cpu"] / estimate_for(s).activations) for s, m in results if not s["grad_ckpt"]]
     factor = math.exp(sum(logs) / len(logs))
@@ -178,7 +178,7 @@ def machine() -> str:
 
 
 def qlora_65b_verdict() -> str:
-    from jaxlora.train.memory import GIB, ModelShape, estimate_memory
+    from jaxlora.cli.memory import GIB, ModelShape, estimate_memory
 
     kw = {"method": "qlora", "rank": 64, "batch": 1, "seq": 512, "grad_ckpt": True, "offload": True, "dtype": "bfloat16", "platform": "gpu"}
     now, fixed = (estimate_memory(ModelShape.preset("65b"), frozen_state_copies=n, **kw).total() / GIB for n in (2, 0))
@@ -189,7 +189,7 @@ def qlora_65b_verdict() -> str:
 
 
 def big_model_table(frozen_copies: int) -> list[str]:
-    from jaxlora.train.memory import GIB, ModelShape, estimate_memory
+    from jaxlora.cli.memory import GIB, ModelShape, estimate_memory
 
     rows = [("| model | params | method | weights + constants | adapters | grads | optimizer (host) | activations | "
             "update transient | frozen copies | runtime | **total (GPU)** | <= 48 GiB | <= 79.6 GiB (H100 80GB) |"),
@@ -217,7 +217,7 @@ def notes(results: list[tuple[dict, dict]]) -> list[str]:
     act = [m["xla_temp"] / estimate_for(s).activations for s, m in results]
     loader = [(m["rss_loaded"] - m["rss_imports"] - m["rest_bytes"] - m["trainable_bytes"] - m["opt_bytes"]) / MIB for _, m in results]
     compiler = [(m["rss_compiled"] - m["rss_loaded"]) / MIB for _, m in results]
-    from jaxlora.train.memory import GIB, ModelShape, estimate_memory
+    from jaxlora.cli.memory import GIB, ModelShape, estimate_memory
 
     big = [estimate_memory(ModelShape.preset("65b"), method="qlora", rank=64, batch=1, seq=512, grad_ckpt=True, offload=True,
                            dtype="bfloat16", platform="gpu", frozen_state_copies=n).total() / GIB for n in (2, 0)]
@@ -233,7 +233,7 @@ def notes(results: list[tuple[dict, dict]]) -> list[str]:
         f"{big[0]:.0f} and {big[1]:.0f} GiB for 65B QLoRA.",
         "- **Gradient checkpointing saves little on XLA's CPU backend.** XLA's temporaries with checkpointing over "
         "without: " + ", ".join(ckpt) + f"; peak RSS with over without: {min(peak_ckpt):.2f}-{max(peak_ckpt):.2f}. The "
-        "estimator counts checkpointed CPU runs as unchecked (jaxlora/train/memory.py explains why).",
+        "estimator counts checkpointed CPU runs as unchecked (jaxlora/cli/memory.py explains why).",
         "- **The activation term is XLA's choice.** The formula counts what the backward pass needs; XLA's CPU buffer "
         "assignment keeps " + f"{min(act):.2f}-{max(act):.2f}" + "x of the fitted estimate depending on the token "
         "count and checkpointing (column XLA temp vs estimated activations): one fitted factor cannot follow that; "
@@ -266,7 +266,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(json.loads(args.child), args.steps)), flush=True)
         return
     sys.path.insert(0, str(ROOT))
-    from jaxlora.train.memory import ACTIVATION_FACTOR, RUNTIME_BYTES
+    from jaxlora.cli.memory import ACTIVATION_FACTOR, RUNTIME_BYTES
 
     results = []
     if args.from_json:
@@ -287,7 +287,7 @@ def main() -> None:
             "CPU backend. Each run: a fresh process, SmolLM2-135M-Instruct float32, LoRA r=16 alpha=32 on all linear "
             "layers, AdamW (clipping 1.0), 3 steps on random tokens, the model object kept alive as in the trainer."), "",
             "## SmolLM2-135M on this CPU: measured peak RSS vs estimate", "", *rows, "",
-            (f"Calibrated constants (`jaxlora.train.memory`, CPU): activation factor {ACTIVATION_FACTOR['cpu']:.3f}, runtime "
+            (f"Calibrated constants (`jaxlora.cli.memory`, CPU): activation factor {ACTIVATION_FACTOR['cpu']:.3f}, runtime "
             f"{RUNTIME_BYTES['cpu'] / MIB:,.0f} MiB; fitted on these runs: {factor:.3f} and {runtime / MIB:,.0f} MiB "
             f"(`fit_constants`). Largest |ratio - 1|: {worst:.3f}."), "",
             "Storage terms against the loaded arrays:", *exact_parts_check(results), "",
@@ -298,7 +298,7 @@ def main() -> None:
     print("\n".join(text))
     if args.markdown:
         source = args.from_json or args.save_json
-        header = ["# Training memory: measured on this machine vs `jaxlora.train.memory`", "",
+        header = ["# Training memory: measured on this machine vs `jaxlora.cli.memory`", "",
                   f"Generated {datetime.date.today()} by `python experiments/calibrate_memory.py "
                   + (f"--from-json {source} " if args.from_json else (f"--save-json {source} " if source else ""))
                   + f"--markdown {args.markdown}`"

@@ -91,7 +91,7 @@ class HeldOut:
     """The held-out split as loss rows and as generation prompts, and how to score a model on it."""
 
     def __init__(self, codec, limit: int | None):
-        from jaxlora.train.data import DataConfig, read_jsonl, tokenize_records, build_rows, SkipReport
+        from jaxlora.data.sft import DataConfig, read_jsonl, tokenize_records, build_rows, SkipReport
 
         records, _ = read_jsonl(HELDOUT_FILE)
         records = records[:limit] if limit else records
@@ -106,7 +106,7 @@ class HeldOut:
     def evaluate(self, model, generator, generation_config) -> Evaluation:
         from flax import nnx
 
-        from jaxlora.train.data import batches
+        from jaxlora.data.sft import batches
         from jaxlora.train.step import evaluate_loss, make_eval_step
 
         model.eval()
@@ -153,8 +153,8 @@ def peft_answers(model_dir: Path, adapter_dir: Path, prompts: list[list[int]], s
 def quickstart(options: QuickstartOptions = QuickstartOptions()) -> dict:
     from flax import nnx
 
-    from jaxlora.train.generate import GenerationConfig, Generator
-    from jaxlora.train.prompting import PromptCodec
+    from jaxlora.generate import GenerationConfig, Generator
+    from jaxlora.data.prompting import PromptCodec
     from jaxlora.train.trainer import resolve_model_path, setup, train
 
     t0 = time.time()

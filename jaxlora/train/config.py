@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlora.peft import LoraConfig
-from jaxlora.train.data import DataConfig as PipelineConfig
+from jaxlora.data.sft import DataConfig as PipelineConfig
 from jaxlora.train.optim import OptimizerConfig
 
 
@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection(PipelineConfig):
-    """The data pipeline's settings (`jaxlora.train.data.DataConfig`) plus where the data is."""
+    """The data pipeline's settings (`jaxlora.data.sft.DataConfig`) plus where the data is."""
 
     train_file: str = ""
     """JSONL training data (Alpaca, chat "messages", or "text" records)."""
@@ -74,7 +74,7 @@ class DataSection(PipelineConfig):
     """Shuffling seed for the training batches."""
 
     def pipeline(self) -> PipelineConfig:
-        """The `jaxlora.train.data.DataConfig` part."""
+        """The `jaxlora.data.sft.DataConfig` part."""
         return PipelineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PipelineConfig)})
 
 

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from jaxlora.nn.matmul import dot
-from jaxlora.train.data import IGNORE_INDEX
+from jaxlora.data.sft import IGNORE_INDEX
 from jaxlora.train.optim import offloaded_update
 
 

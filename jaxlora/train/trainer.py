@@ -41,7 +41,7 @@ from jaxlora.atomic import atomic_write_json
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
-from jaxlora.train.data import SFTTokenizer, batches, load_sft_data, steps_per_epoch
+from jaxlora.data.sft import SFTTokenizer, batches, load_sft_data, steps_per_epoch
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer, to_memory
 from jaxlora.train.step import evaluate_loss, make_eval_step, make_train_step
 

@@ -30,9 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlora.models.llama_config import ConfigError
     from jaxlora.peft import AdapterError
     from jaxlora.train.config import TrainConfigError
-    from jaxlora.train.data import DataError
-    from jaxlora.train.export import ExportError
-    from jaxlora.train.templates import TemplateError
+    from jaxlora.data.sft import DataError
+    from jaxlora.cli.export import ExportError
+    from jaxlora.data.templates import TemplateError
     from jaxlora.train.trainer import ModelPathError, TrainingError
     from torch_bridge.checkpoint import CheckpointError
     from torch_bridge.peft import AdapterFileError
@@ -45,7 +45,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # -- train ---------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from jaxlora.train.config import apply_overrides, config_from_dict, read_config_tree
-    from jaxlora.train.preflight import apply_preset, preflight
+    from jaxlora.cli.preflight import apply_preset, preflight
     from jaxlora.train.trainer import resolve_model_path, train
 
     tree = read_config_tree(args.config)
@@ -79,8 +79,8 @@ def load_for_generation(model_dir: Path, adapters: list[str], quantize: str | No
 
 
 def cmd_generate(args) -> int:
-    from jaxlora.train.generate import GenerationConfig, Generator
-    from jaxlora.train.prompting import PromptCodec
+    from jaxlora.generate import GenerationConfig, Generator
+    from jaxlora.data.prompting import PromptCodec
     from jaxlora.train.trainer import resolve_model_path
 
     model_dir = resolve_model_path(args.model)
@@ -106,7 +106,7 @@ def cmd_generate(args) -> int:
 
 # -- export --------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    from jaxlora.train.export import export
+    from jaxlora.cli.export import export
 
     targets = [(kind, getattr(args, kind)) for kind in ("peft", "merged", "bnb_4bit") if getattr(args, kind)]
     if len(targets) != 1:
@@ -120,7 +120,7 @@ def cmd_export(args) -> int:
 # -- memory --------------------------------------------------------------------------------------
 def cmd_memory(args) -> int:
     from jaxlora.models.llama_config import LlamaConfig
-    from jaxlora.train.memory import ModelShape, estimate_memory, format_estimate
+    from jaxlora.cli.memory import ModelShape, estimate_memory, format_estimate
     from jaxlora.train.trainer import resolve_model_path
 
     if Path(args.model).is_dir() or args.model == "smollm2":

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxlora.models import KVCache, LlamaConfig, LlamaForCausalLM
 from jaxlora.peft import LoraConfig, get_peft_model
-from jaxlora.train.generate import (
+from jaxlora.generate import (
     GenerationConfig,
     Generator,
     SamplingParams,

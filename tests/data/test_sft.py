@@ -1,4 +1,4 @@
-"""`jaxlora.train.data` / `templates`: JSONL records -> masked, padded or packed token rows.
+"""`jaxlora.data.sft` / `templates`: JSONL records -> masked, padded or packed token rows.
 
 The reference is transformers: SmolLM2-135M-Instruct's own chat template rendered and tokenized by
 ``AutoTokenizer.apply_chat_template`` must give the same ids as ours, and the loss mask must select
@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlora.train.data import (
+from jaxlora.data.sft import (
     DataConfig,
     DataError,
     JsonRecord,
@@ -30,7 +30,7 @@ from jaxlora.train.data import (
     steps_per_epoch,
     tokenize_records,
 )
-from jaxlora.train.templates import JinjaChatTemplate, chatml_pieces, llama2_pieces, render_messages
+from jaxlora.data.templates import JinjaChatTemplate, chatml_pieces, llama2_pieces, render_messages
 from torch_bridge.smollm2 import ensure_smollm2, hub_offline
 
 CHATS = [

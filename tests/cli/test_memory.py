@@ -13,7 +13,7 @@ from jaxlora.models import LlamaConfig, LlamaForCausalLM, count_parameters
 from jaxlora.nn import Linear4bit
 from jaxlora.peft import LoraConfig, get_peft_model
 from jaxlora.quant import QuantizedTensor, quantize_4bit
-from jaxlora.train.memory import ModelShape, estimate_memory, format_estimate, quantized_storage
+from jaxlora.cli.memory import ModelShape, estimate_memory, format_estimate, quantized_storage
 from jaxlora.train.optim import OptimizerConfig, make_optimizer, to_memory
 from jaxlora.train.step import make_train_step
 from torch_bridge.checkpoint import build_llama

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlora.train.templates import ROLES, TEMPLATES, SFTTokenizer, TemplateError, render_messages
+from jaxlora.data.templates import ROLES, TEMPLATES, SFTTokenizer, TemplateError, render_messages
 
 IGNORE_INDEX = -100
 ON_ERROR = ("raise", "skip")

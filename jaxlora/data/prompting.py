@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxlora.train.templates import SFTTokenizer, TemplateError
+from jaxlora.data.templates import SFTTokenizer, TemplateError
 
 
 class PromptCodec:

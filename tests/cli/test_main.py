@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxlora.cli import main
-from jaxlora.train.memory import ModelShape, estimate_memory
+from jaxlora.cli.memory import ModelShape, estimate_memory
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -113,7 +113,7 @@ def test_memory_errors(capsys, tmp_path):
 
 def test_train_dry_run_reports_share_memory_and_warnings(capsys, tmp_path, tiny_model_dir):
     from jaxlora import LoraConfig, get_peft_model
-    from jaxlora.train.preflight import PRESETS
+    from jaxlora.cli.preflight import PRESETS
     from torch_bridge import load_llama
 
     config = write_config(tmp_path, tiny_model_dir, **{"learning_rate = 5e-2": "learning_rate = 2e-5",
@@ -156,7 +156,7 @@ def hf_greedy(model, codec, prompt: str, new: int) -> str:
 
 
 def test_generate_matches_transformers_and_peft(capsys, tiny_model_dir, trained_run):
-    from jaxlora.train.prompting import PromptCodec
+    from jaxlora.data.prompting import PromptCodec
 
     codec = PromptCodec(tiny_model_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -9,7 +9,7 @@ config file and ``--set`` overrides still apply on top:
 - ``all-linear``: every attention and MLP projection, r=64, alpha=16, dropout 0.05 (the QLoRA paper's
   setting: adapters on all linear layers are what match full fine-tuning).
 
-`preflight` computes the trainable share of parameters and a memory estimate (`jaxlora.train.memory`)
+`preflight` computes the trainable share of parameters and a memory estimate (`jaxlora.cli.memory`)
 from the model's config.json alone (no weights are loaded) and lists warnings for the classic
 mistakes: a full-fine-tuning learning rate with LoRA, lora_alpha equal to r, a 4-bit run that would
 fit only with gradient checkpointing, a chat model trained without its own prompt template, and an
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.train.config import TrainConfig
-from jaxlora.train.memory import PROJECTIONS, MemoryEstimate, ModelShape, estimate_memory, format_estimate, resolve_targets
+from jaxlora.cli.memory import PROJECTIONS, MemoryEstimate, ModelShape, estimate_memory, format_estimate, resolve_targets
 
 PRESETS: dict[str, dict] = {
     "qv": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
