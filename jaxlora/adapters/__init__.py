@@ -1,4 +1,15 @@
-"""Adapters with PEFT's names and semantics: config, target matching, modules_to_save, the adapted model."""
+"""Adapters with PEFT's names and semantics.
 
-from jaxlora.adapters.model import *  # noqa: F403
-from jaxlora.adapters.model import __all__  # noqa: F401
+- `config`: `LoraConfig` (PEFT's fields and defaults; what jaxlora implements, ignores, refuses);
+- `matching`: which modules get LoRA or a modules_to_save copy (PEFT's rules on module paths);
+- `modules_to_save`: the per-adapter trainable copies of whole modules;
+- `model`: `get_peft_model`, `PeftModel` (named adapters, counting, merge/unload).
+"""
+
+from jaxlora.adapters.config import AdapterError, LoraConfig
+from jaxlora.adapters.matching import target_names
+from jaxlora.adapters.model import PeftModel, get_peft_model, get_submodule, merge_and_unload, set_submodule
+from jaxlora.adapters.modules_to_save import ModulesToSaveParam, ModulesToSaveWrapper
+
+__all__ = ["AdapterError", "LoraConfig", "ModulesToSaveParam", "ModulesToSaveWrapper", "PeftModel", "get_peft_model",
+           "get_submodule", "merge_and_unload", "set_submodule", "target_names"]

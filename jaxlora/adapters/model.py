@@ -1,162 +1,40 @@
-"""Adapters with PEFT's names: `LoraConfig`, `get_peft_model`, `PeftModel` (named adapters, merge/unload).
+"""`get_peft_model` and `PeftModel`: named LoRA adapters injected into a jaxlora model, PEFT's interface.
 
 `get_peft_model(model, config)` replaces every targeted linear layer of a jaxlora model (dense
-`Linear` or 4-bit `Linear4bit`) by a `LoraLinear` around it, following PEFT's matching rules
-(formats.md A.2, A.6, A.10): ``target_modules`` as exact names or suffixes, a regex string (full
-match), or ``"all-linear"`` (every linear layer except the output layer); ``layers_to_transform``;
-``rank_pattern`` / ``alpha_pattern``; ``modules_to_save``. Module names are the paths inside the
-model, which for `LlamaForCausalLM` are transformers' (``model.layers.0.self_attn.q_proj``).
+`Linear` or 4-bit `Linear4bit`) by a `LoraLinear` around it, chosen by PEFT's matching rules
+(`jaxlora.adapters.matching`, formats.md A.2, A.6, A.10), and each ``modules_to_save`` module by a
+`ModulesToSaveWrapper` holding the frozen original and the adapter's trainable copy. Module names are
+the paths inside the model, which for `LlamaForCausalLM` are transformers'
+(``model.layers.0.self_attn.q_proj``).
 
-What trains is selected by type: LoRA weights and modules_to_save parameters are ``nnx.LoRAParam``
-(the latter as its subclass `ModulesToSaveParam`), everything else is a plain ``nnx.Param`` or a
-quantized weight. Use ``nnx.Optimizer(peft_model, tx, wrt=nnx.LoRAParam)``.
+What trains is selected by type: the active adapter's LoRA weights and modules_to_save copy are
+``nnx.LoRAParam`` (the copy as its subclass `ModulesToSaveParam`); the base, the originals of
+modules_to_save and every inactive adapter are plain ``nnx.Param`` or quantized weights. Use
+``nnx.Optimizer(peft_model, tx, wrt=nnx.LoRAParam)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 
 from flax import nnx
 
+from jaxlora.adapters.config import AdapterError, LoraConfig
+from jaxlora.adapters.matching import (OUTPUT_LAYER_NAMES, modules_to_save_names, named_modules, rank_and_alpha,
+                                       target_names)
+from jaxlora.adapters.modules_to_save import ModulesToSaveParam, ModulesToSaveWrapper, retype
 from jaxlora.models.llama import count_parameters
 from jaxlora.nn import Linear, Linear4bit, LoraLinear
 
-# PEFT's per-architecture default targets (transformers' Llama): q_proj and v_proj.
-DEFAULT_TARGETS = ("q_proj", "v_proj")
-OUTPUT_LAYER_NAMES = ("lm_head",)
-
-
-class AdapterError(ValueError):
-    """An adapter configuration that cannot be applied to the model."""
-
-
-class ModulesToSaveParam(nnx.LoRAParam):
-    """A parameter of a ``modules_to_save`` module: trained and saved in full with the adapter."""
-
-
-@dataclasses.dataclass
-class LoraConfig:
-    """PEFT's ``LoraConfig`` fields (same names and defaults) that jaxlora implements."""
-
-    r: int = 8
-    """Rank of the update."""
-    lora_alpha: float = 8
-    """Scaling numerator: scaling = lora_alpha / r (or / sqrt(r) with use_rslora)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    target_modules: list[str] | str | None = None
-    """Names or suffixes, a regex (full match), "all-linear", or None for the architecture default (q_proj, v_proj)."""
-    exclude_modules: list[str] | str | None = None
-    """Modules never targeted (same matching rules)."""
-    layers_to_transform: int | list[int] | None = None
-    """Only these decoder layer indices."""
-    layers_pattern: str | list[str] | None = None
-    """Name of the layer list in module paths (default "layers")."""
-    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
-    """{pattern: r} overrides, first match wins: re.match(r"(.*\\.)?(" + pattern + r")$", name)."""
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    """{pattern: lora_alpha} overrides, same matching."""
-    use_rslora: bool = False
-    """Scaling lora_alpha / sqrt(r)."""
-    use_dora: bool = False
-    """Weight-decomposed LoRA (a trainable magnitude per output row)."""
-    init_lora_weights: bool | str = True
-    """True (B = 0), "gaussian" (A ~ N(0, 1/r), B = 0) or False (B random: not a no-op)."""
-    bias: str = "none"
-    """Only "none" is supported (no bias is trained)."""
-    modules_to_save: list[str] | None = None
-    """Modules trained in full and saved with the adapter (e.g. ["lm_head"])."""
-    task_type: str | None = None
-    """PEFT task type (e.g. "CAUSAL_LM"); informational."""
-    base_model_name_or_path: str | None = None
-    """Where the base model came from; written to adapter_config.json."""
-
-    def __post_init__(self):
-        if self.bias != "none":
-            raise AdapterError(f"bias={self.bias!r} is not supported; jaxlora trains no biases (bias='none')")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise AdapterError("layers_to_transform cannot be used when target_modules is a str (as in PEFT)")
-
-    def rank_and_alpha(self, name: str) -> tuple[int, float]:
-        """``(r, lora_alpha)`` for module ``name`` after rank_pattern / alpha_pattern (formats.md A.6)."""
-        return _first_pattern(self.rank_pattern, name, self.r), _first_pattern(self.alpha_pattern, name, self.lora_alpha)
-
-
-def _first_pattern(patterns: dict, name: str, default):
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
-
-
-def _matches(spec: list[str] | str | None, name: str) -> bool:
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def _layer_index(name: str, layers_pattern) -> int | None:
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or ["layers"])
-    for pattern in patterns:
-        match = re.search(rf"(?:^|\.){pattern}\.(\d+)(?:\.|$)", name)
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def _path_name(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def linear_modules(model: nnx.Module) -> dict[str, nnx.Module]:
-    """Name -> linear layer (`Linear`, `Linear4bit`, or an already wrapped `LoraLinear`), outermost only."""
-    found: dict[str, nnx.Module] = {}
-    for path, node in nnx.iter_graph(model):
-        name = _path_name(path)
-        if isinstance(node, (Linear, Linear4bit, LoraLinear)) and not any(name.startswith(n + ".") for n in found):
-            found[name] = node
-    return found
-
-
-def target_names(model: nnx.Module, config: LoraConfig) -> list[str]:
-    """The module names that ``config`` targets in ``model`` (PEFT's rules), in model order."""
-    candidates = linear_modules(model)
-    targets = config.target_modules if config.target_modules is not None else list(DEFAULT_TARGETS)
-    chosen = []
-    for name in candidates:
-        if targets == "all-linear":
-            hit = name.split(".")[-1] not in OUTPUT_LAYER_NAMES
-        else:
-            hit = _matches(targets, name)
-        if not hit or _matches(config.exclude_modules, name):
-            continue
-        if config.layers_to_transform is not None:
-            index = _layer_index(name, config.layers_pattern)
-            if index is None or index not in config.layers_to_transform:
-                continue
-        chosen.append(name)
-    if not chosen:
-        raise AdapterError(
-            f"target_modules {targets!r} (layers_to_transform={config.layers_to_transform}) match no linear layer "
-            f"of the model; available: {sorted({n.split('.')[-1] for n in candidates})} e.g. {list(candidates)[:4]}"
-        )
-    return chosen
+TIED_INPUT_EMBEDDING = "model.embed_tokens"
+"""The input embedding, whose weight a tied model's output layer shares."""
 
 
 def set_submodule(root: nnx.Module, name: str, module: nnx.Module) -> None:
     """Replace the submodule at dotted path ``name`` (e.g. ``model.layers.0.mlp.up_proj``) with ``module``."""
     *parents, last = name.split(".")
-    node = root
-    for part in parents:
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    node = get_submodule(root, ".".join(parents)) if parents else root
     if last.isdigit():
         node[int(last)] = module
     else:
@@ -171,34 +49,68 @@ def get_submodule(root: nnx.Module, name: str):
     return node
 
 
-def inject_adapter(model: nnx.Module, config: LoraConfig, adapter_name: str, rngs: nnx.Rngs) -> list[str]:
-    """Add adapter ``adapter_name`` to every targeted layer of ``model`` (in place); returns their names."""
+def _ties_embeddings(model: nnx.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+
+def _check_modules_to_save(model: nnx.Module, config: LoraConfig, names: list[str], lora_names: list[str]) -> None:
+    for name in names:
+        if any(name == t or t.startswith(name + ".") for t in lora_names):
+            raise AdapterError(f"modules_to_save selects {name}, which target_modules also gives LoRA; a module is one or the other")
+        module = get_submodule(model, name)
+        if isinstance(module, ModulesToSaveWrapper):
+            continue
+        everything = nnx.to_flat_state(nnx.state(module))
+        frozen = nnx.to_flat_state(nnx.state(module, nnx.Param))
+        if len(everything) != len(frozen) or any(isinstance(v, nnx.LoRAParam) for _, v in frozen):
+            kinds = sorted({type(v).__name__ for _, v in everything})
+            raise AdapterError(f"modules_to_save selects {name} ({type(module).__name__}, variables {kinds}): only modules "
+                               "of dense parameters (nnx.Param) can be trained in full")
+        if _ties_embeddings(model) and name == TIED_INPUT_EMBEDDING and config.ensure_weight_tying:
+            raise AdapterError(f"modules_to_save {name} with ensure_weight_tying=True on a model with tied embeddings: "
+                               "PEFT then ties the output layer to the copy; jaxlora does not implement that (without "
+                               "ensure_weight_tying the output layer keeps the original embedding, as in PEFT)")
+
+
+def inject_adapter(model: nnx.Module, config: LoraConfig, adapter_name: str, rngs: nnx.Rngs, *,
+                   active: bool = True) -> list[str]:
+    """Add adapter ``adapter_name`` to ``model`` in place: LoRA on every targeted layer, a copy of every
+    modules_to_save module. Nothing changes when the config does not fit (AdapterError). Returns the
+    LoRA layers' names."""
     names = target_names(model, config)
+    save_names = modules_to_save_names(model, config.modules_to_save)
+    _check_modules_to_save(model, config, save_names, names)
     for name in names:
         layer = get_submodule(model, name)
-        r, alpha = config.rank_and_alpha(name)
+        r, alpha = rank_and_alpha(config, name)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                      use_dora=config.use_dora, init_lora_weights=config.init_lora_weights, rngs=rngs)
+                      use_dora=config.use_dora, init_lora_weights=config.init_lora_weights, lora_bias=config.lora_bias,
+                      rngs=rngs)
         if isinstance(layer, LoraLinear):
             layer.add_adapter(adapter_name, **kwargs)
         else:
             set_submodule(model, name, LoraLinear(layer, adapter_name=adapter_name, **kwargs))
-    for module_name in config.modules_to_save or []:
-        _mark_modules_to_save(model, module_name)
+    for name in save_names:
+        module = get_submodule(model, name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(adapter_name)
+            continue
+        if name == TIED_INPUT_EMBEDDING and _ties_embeddings(model) and model.lm_head is None:
+            # PEFT's tied output layer keeps the original embedding when the input embedding gets a
+            # copy: an explicit output layer holding the same variable says so (same logits as the
+            # tied path: both are linear_matmul(hidden, weight)).
+            model.lm_head = Linear.from_weight(module.weight.get_value())
+            model.lm_head.weight = module.weight
+        set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name, active=active))
     return names
 
 
-def _mark_modules_to_save(model: nnx.Module, module_name: str) -> None:
-    pattern = re.compile(rf"(^|.*\.){re.escape(module_name)}($|\..*)")
-    hits = 0
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = _path_name(path)
-        if pattern.match(name) and not isinstance(variable, nnx.LoRAParam):
-            owner = get_submodule(model, _path_name(path[:-1]))
-            setattr(owner, str(path[-1]), ModulesToSaveParam(variable.get_value()))
-            hits += 1
-    if hits == 0:
-        raise AdapterError(f"modules_to_save entry {module_name!r} matches no parameter of the model")
+def _unwrap(model: nnx.Module, name: str, module: nnx.Module) -> None:
+    """Put ``module`` back at ``name``; a tied model's output layer goes back to the tie when it was
+    only there to keep the original embedding (see `inject_adapter`)."""
+    set_submodule(model, name, module)
+    if name == TIED_INPUT_EMBEDDING and _ties_embeddings(model) and getattr(model.lm_head, "weight", None) is module.weight:
+        model.lm_head = None
 
 
 class PeftModel(nnx.Module):
@@ -220,26 +132,36 @@ class PeftModel(nnx.Module):
     # -- adapters ------------------------------------------------------------------------------
     def lora_layers(self) -> dict[str, LoraLinear]:
         """Module name (relative to the base model) -> `LoraLinear`."""
-        return {n: m for n, m in linear_modules(self.base_model).items() if isinstance(m, LoraLinear)}
+        return {n: m for n, m in named_modules(self.base_model).items() if isinstance(m, LoraLinear)}
+
+    def modules_to_save(self) -> dict[str, ModulesToSaveWrapper]:
+        """Module name (relative to the base model) -> `ModulesToSaveWrapper`."""
+        return {n: m for n, m in named_modules(self.base_model).items() if isinstance(m, ModulesToSaveWrapper)}
 
     def add_adapter(self, adapter_name: str, config: LoraConfig, *, rngs: nnx.Rngs | None = None) -> None:
+        """Add adapter ``adapter_name``; as in PEFT it is not activated (and does not train) until `set_adapter`."""
         if adapter_name in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} already exists; adapters: {list(self.peft_config)}")
-        inject_adapter(self.base_model, config, adapter_name, rngs or nnx.Rngs(params=0, dropout=1))
+        inject_adapter(self.base_model, config, adapter_name, rngs or nnx.Rngs(params=0, dropout=1),
+                       active=adapter_name == self.active_adapter)
         self.peft_config = {**self.peft_config, adapter_name: config}
-        # As in PEFT, adding an adapter does not activate it: layers keep running the active one.
-        for layer in self.lora_layers().values():
-            layer.set_adapter(self.active_adapter, allow_missing=True)
+        self._activate(self.active_adapter)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Run (and train) adapter ``adapter_name`` in every layer that has it."""
-        if adapter_name not in self.peft_config:
-            raise AdapterError(f"adapter {adapter_name!r} not found; adapters: {list(self.peft_config)}")
+    def _activate(self, adapter_name: str) -> None:
         for layer in self.lora_layers().values():
             layer.set_adapter(adapter_name, allow_missing=True)
+        for wrapper in self.modules_to_save().values():
+            wrapper.set_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Run (and train) adapter ``adapter_name`` in every layer that has it; the others run their base."""
+        if adapter_name not in self.peft_config:
+            raise AdapterError(f"adapter {adapter_name!r} not found; adapters: {list(self.peft_config)}")
+        self._activate(adapter_name)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter ``adapter_name`` (its LoRA weights and modules_to_save copies)."""
         if adapter_name not in self.peft_config:
             raise AdapterError(f"adapter {adapter_name!r} not found; adapters: {list(self.peft_config)}")
         if adapter_name == self.active_adapter:
@@ -247,12 +169,17 @@ class PeftModel(nnx.Module):
         for layer in self.lora_layers().values():
             if adapter_name in layer.lora_A:
                 layer.delete_adapter(adapter_name)
+        for name, wrapper in self.modules_to_save().items():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.delete_adapter(adapter_name)
+                if not wrapper.adapter_names:  # no adapter trains this module any more
+                    _unwrap(self.base_model, name, wrapper.original_module)
         self.peft_config = {k: v for k, v in self.peft_config.items() if k != adapter_name}
 
     @contextlib.contextmanager
     def disable_adapter(self):
         """Context in which the model runs without any adapter (the base model's outputs)."""
-        layers = list(self.lora_layers().values())
+        layers = list(self.lora_layers().values()) + list(self.modules_to_save().values())
         for layer in layers:
             layer.disable_adapters = True
         try:
@@ -263,7 +190,9 @@ class PeftModel(nnx.Module):
 
     # -- counting ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` element counts; a 4-bit weight counts as its number of elements."""
+        """``(trainable, all)`` element counts, as PEFT: trainable = the active adapter's LoRA weights and
+        modules_to_save copy; all = every parameter once (base, originals, every adapter and copy).
+        A 4-bit weight counts as its number of elements."""
         trainable = count_parameters(self, nnx.LoRAParam)
         total = count_parameters(self, nnx.Param)
         for _, node in nnx.iter_graph(self):
@@ -280,20 +209,29 @@ class PeftModel(nnx.Module):
     def merge_and_unload(self, *, requantize: bool = False) -> nnx.Module:
         """The base model with the active adapter folded into each layer and the adapters removed.
 
-        Dense bases: ``W + s B A`` (DoRA: rescaled rows) in the base's dtype. 4-bit bases are
-        dequantized and merged, and stay in full precision (their original dtype) unless
-        ``requantize=True``, which quantizes the merged weight again with the same settings (what
-        PEFT does with bitsandbytes; it adds a second quantization error). modules_to_save
-        parameters become ordinary parameters. This ``PeftModel`` must not be used afterwards.
+        Dense bases: ``W + s B A`` (DoRA: rescaled rows; lora_bias: ``b + s b_B``) in the base's dtype.
+        4-bit bases are dequantized and merged, and stay in full precision (their original dtype)
+        unless ``requantize=True``, which quantizes the merged weight again with the same settings
+        (what PEFT does with bitsandbytes; it adds a second quantization error). A modules_to_save
+        module becomes the active adapter's copy (the original where that adapter has none), with
+        plain parameters. With tied embeddings and a copy of the input embedding, the output layer
+        keeps the original embedding, as in PEFT: the model comes back untied (``lm_head`` set,
+        ``config.tie_word_embeddings`` False). This ``PeftModel`` must not be used afterwards.
         """
         model = self.base_model
         for name, layer in self.lora_layers().items():
             if layer.active_adapter in layer.lora_A:
                 layer.merge(requantize=requantize)
             set_submodule(model, name, layer.base)
-        for path, variable in nnx.to_flat_state(nnx.state(model, ModulesToSaveParam)):
-            owner = get_submodule(model, _path_name(path[:-1]))
-            setattr(owner, str(path[-1]), nnx.Param(variable.get_value()))
+        for name, wrapper in self.modules_to_save().items():
+            kept = wrapper.active_module()
+            retype(kept, nnx.Param)
+            if kept is wrapper.original_module:
+                _unwrap(model, name, kept)
+                continue
+            set_submodule(model, name, kept)
+            if name == TIED_INPUT_EMBEDDING and _ties_embeddings(model):  # lm_head keeps the original
+                model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
         return model
 
 
@@ -308,7 +246,8 @@ def get_peft_model(model: nnx.Module, config: LoraConfig, adapter_name: str = "d
       rngs: random streams for A/B initialisation (``params``) and dropout (``dropout``).
 
     Raises:
-      AdapterError: a target that matches no module (the message lists the available ones).
+      AdapterError: a target that matches no module (the message lists the available ones), or a
+        modules_to_save entry that selects nothing or cannot be copied.
     """
     return PeftModel(model, config, adapter_name, rngs=rngs or nnx.Rngs(params=0, dropout=1))
 
@@ -318,5 +257,6 @@ def merge_and_unload(peft_model: PeftModel, *, requantize: bool = False) -> nnx.
     return peft_model.merge_and_unload(requantize=requantize)
 
 
-__all__ = ["AdapterError", "LoraConfig", "ModulesToSaveParam", "PeftModel", "get_peft_model", "merge_and_unload",
-           "target_names", "get_submodule", "set_submodule"]
+__all__ = ["AdapterError", "LoraConfig", "ModulesToSaveParam", "ModulesToSaveWrapper", "OUTPUT_LAYER_NAMES",
+           "PeftModel", "TIED_INPUT_EMBEDDING", "get_peft_model", "get_submodule", "merge_and_unload", "set_submodule",
+           "target_names"]
