@@ -8,8 +8,9 @@
 
 from jaxlora.adapters.config import AdapterError, LoraConfig
 from jaxlora.adapters.matching import target_names
-from jaxlora.adapters.model import PeftModel, get_peft_model, get_submodule, merge_and_unload, set_submodule
+from jaxlora.adapters.model import (PeftModel, get_peft_model, get_submodule, merge_and_unload, planned_parameter_counts,
+                                   set_submodule)
 from jaxlora.adapters.modules_to_save import ModulesToSaveParam, ModulesToSaveWrapper
 
 __all__ = ["AdapterError", "LoraConfig", "ModulesToSaveParam", "ModulesToSaveWrapper", "PeftModel", "get_peft_model",
-           "get_submodule", "merge_and_unload", "set_submodule", "target_names"]
+           "get_submodule", "merge_and_unload", "planned_parameter_counts", "set_submodule", "target_names"]

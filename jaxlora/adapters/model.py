@@ -193,12 +193,7 @@ class PeftModel(nnx.Module):
         """``(trainable, all)`` element counts, as PEFT: trainable = the active adapter's LoRA weights and
         modules_to_save copy; all = every parameter once (base, originals, every adapter and copy).
         A 4-bit weight counts as its number of elements."""
-        trainable = count_parameters(self, nnx.LoRAParam)
-        total = count_parameters(self, nnx.Param)
-        for _, node in nnx.iter_graph(self):
-            if isinstance(node, Linear4bit):
-                total += node.quantized.size
-        return trainable, total
+        return count_parameters(self, nnx.LoRAParam), _frozen_parameter_count(self)
 
     def print_trainable_parameters(self) -> None:
         """Print PEFT's line: ``trainable params: N || all params: M || trainable%: P``."""
@@ -235,6 +230,42 @@ class PeftModel(nnx.Module):
         return model
 
 
+def _frozen_parameter_count(model: nnx.Module) -> int:
+    """Every parameter once (shared ones once), a 4-bit weight as its number of elements."""
+    total = count_parameters(model, nnx.Param)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear4bit):
+            total += node.quantized.size
+    return total
+
+
+def planned_parameter_counts(model: nnx.Module, config: LoraConfig) -> tuple[int, int]:
+    """``(trainable, all)`` that ``get_peft_model(model, config).get_nb_trainable_parameters()`` gives,
+    computed from the same matching without creating the adapters: ``model`` may be abstract
+    (``nnx.eval_shape``), which is how the pre-flight report counts a 70B model without its weights.
+
+    Per LoRA layer ``r * (in + out)`` (r from rank_pattern), plus ``out`` for a DoRA magnitude and
+    ``out`` for a lora_bias; per modules_to_save module one copy of its parameters. ``model`` must
+    not carry adapters yet.
+
+    Raises:
+      AdapterError: as `get_peft_model` would.
+    """
+    if any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in named_modules(model).values()):
+        raise AdapterError("planned_parameter_counts needs a model without adapters")
+    names = target_names(model, config)
+    save_names = modules_to_save_names(model, config.modules_to_save)
+    _check_modules_to_save(model, config, save_names, names)
+    trainable = 0
+    for name in names:
+        layer = get_submodule(model, name)
+        r, _ = rank_and_alpha(config, name)
+        trainable += r * (layer.in_features + layer.out_features) + layer.out_features * (config.use_dora + config.lora_bias)
+    for name in save_names:
+        trainable += count_parameters(get_submodule(model, name), nnx.Param)
+    return trainable, _frozen_parameter_count(model) + trainable
+
+
 def get_peft_model(model: nnx.Module, config: LoraConfig, adapter_name: str = "default", *,
                    rngs: nnx.Rngs | None = None) -> PeftModel:
     """Inject LoRA into ``model`` (in place) as PEFT's ``get_peft_model`` does and wrap it.
@@ -258,5 +289,5 @@ def merge_and_unload(peft_model: PeftModel, *, requantize: bool = False) -> nnx.
 
 
 __all__ = ["AdapterError", "LoraConfig", "ModulesToSaveParam", "ModulesToSaveWrapper", "OUTPUT_LAYER_NAMES",
-           "PeftModel", "TIED_INPUT_EMBEDDING", "get_peft_model", "get_submodule", "merge_and_unload", "set_submodule",
-           "target_names"]
+           "PeftModel", "TIED_INPUT_EMBEDDING", "get_peft_model", "get_submodule", "merge_and_unload",
+           "planned_parameter_counts", "set_submodule", "target_names"]
