@@ -278,10 +278,13 @@ MODULES_TO_SAVE = [
     ("gqa-untied", dict(r=2, target_modules=["v_proj"], modules_to_save=["embed_tokens"])),
     ("gqa-untied", dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens", "input_layernorm"])),
     ("mha-tied", dict(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    ("mha-tied", dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    ("mha-tied", dict(r=2, target_modules=["v_proj"], modules_to_save=["embed_tokens", "lm_head"])),
 ]
 
 
-@pytest.mark.parametrize("name,config", MODULES_TO_SAVE, ids=["lm_head", "embed_tokens", "three", "tied-embed_tokens"])
+@pytest.mark.parametrize("name,config", MODULES_TO_SAVE, ids=["lm_head", "embed_tokens", "three", "tied-embed_tokens",
+                                                              "tied-lm_head", "tied-both"])
 def test_modules_to_save_matches_peft(tmp_path, name, config):
     """Logits with the adapter and with disable_adapter(), parameter counts and the printed line, against
     PEFT; the original stays frozen and untouched; merge_and_unload keeps the copy."""
@@ -297,6 +300,7 @@ def test_modules_to_save_matches_peft(tmp_path, name, config):
         compare_logits(ours(jnp.asarray(IDS)), torch_logits(hf_model(name)))
     assert_counts_equal(ours, theirs)
     base = hf_model(name).state_dict()
+    base.setdefault("lm_head.weight", base["model.embed_tokens.weight"])  # tied
     for path, wrapper in ours.modules_to_save().items():
         assert isinstance(wrapper, ModulesToSaveWrapper)
         for key, variable in nnx.to_flat_state(nnx.state(wrapper.original_module)):
@@ -385,10 +389,11 @@ def test_modules_to_save_errors():
     def fresh(name="gqa-untied"):
         return jax_from_hf(hf_model(name))
 
-    with pytest.raises(AdapterError, match="ties lm_head"):
-        jaxlora.get_peft_model(fresh("mha-tied"), jaxlora.LoraConfig(modules_to_save=["lm_head"]))
-    with pytest.raises(AdapterError, match="ensure_weight_tying"):
-        jaxlora.get_peft_model(fresh("mha-tied"), jaxlora.LoraConfig(modules_to_save=["embed_tokens"], ensure_weight_tying=True))
+    for entry in ("embed_tokens", "lm_head"):
+        with pytest.raises(AdapterError, match="ensure_weight_tying"):
+            jaxlora.get_peft_model(fresh("mha-tied"), jaxlora.LoraConfig(modules_to_save=[entry], ensure_weight_tying=True))
+    with pytest.raises(AdapterError, match="'nothing' matches no module"):
+        jaxlora.get_peft_model(fresh(), jaxlora.LoraConfig(modules_to_save=["nothing"]))
     with pytest.raises(AdapterError, match="carries LoRA|target_modules also"):
         jaxlora.get_peft_model(fresh(), jaxlora.LoraConfig(target_modules=["up_proj"], modules_to_save=["p_proj"]))
     with pytest.raises(AdapterError, match="inside it"):
@@ -397,3 +402,17 @@ def test_modules_to_save_errors():
     with pytest.raises(AdapterError, match="LlamaMLP.*linear layers only"):
         jaxlora.get_peft_model(model, jaxlora.LoraConfig(target_modules=["q_proj", "mlp"]))
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # nothing changed
+
+
+def test_tied_model_gets_its_tie_back():
+    """A tied model whose modules_to_save copies are all deleted, or merged without a copy, is tied again."""
+    model = jaxlora.get_peft_model(jax_from_hf(hf_model("mha-tied")), jaxlora.LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    model.add_adapter("b", jaxlora.LoraConfig(r=2, target_modules=["k_proj"], modules_to_save=["lm_head", "embed_tokens"]))
+    llama = model.base_model
+    assert isinstance(llama.lm_head, ModulesToSaveWrapper)
+    assert llama.lm_head.original_module.weight is llama.model.embed_tokens.original_module.weight  # one variable
+    model.delete_adapter("b")
+    assert llama.lm_head is None and type(llama.model.embed_tokens).__name__ == "Embedding"
+    model.add_adapter("c", jaxlora.LoraConfig(r=2, target_modules=["k_proj"], modules_to_save=["lm_head"]))
+    merged = model.merge_and_unload()  # "a" is active: no copy is kept
+    assert merged.lm_head is None and merged.config.tie_word_embeddings

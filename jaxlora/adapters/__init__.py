@@ -2,7 +2,7 @@
 
 - `config`: `LoraConfig` (PEFT's fields and defaults; what jaxlora implements, ignores, refuses);
 - `matching`: which modules get LoRA or a modules_to_save copy (PEFT's rules on module paths);
-- `modules_to_save`: the per-adapter trainable copies of whole modules;
+- `modules_to_save`: the per-adapter trainable copies of whole modules (`tied`: with tied embeddings);
 - `model`: `get_peft_model`, `PeftModel` (named adapters, counting, merge/unload).
 """
 

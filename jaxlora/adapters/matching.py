@@ -181,8 +181,9 @@ def target_names(model: nnx.Module, config: LoraConfig) -> list[str]:
     return chosen
 
 
-def modules_to_save_names(model: nnx.Module, entries: list[str] | None) -> list[str]:
+def modules_to_save_names(model: nnx.Module, entries: list[str] | None, pending: tuple[str, ...] = ()) -> list[str]:
     """The module paths that ``modules_to_save`` selects: every path that ends with an entry.
+    ``pending``: paths of modules made before wrapping (a tied model's ``lm_head``, `jaxlora.adapters.tied`).
 
     Raises:
       AdapterError: an entry that selects nothing, a selected module inside another selected one, or a
@@ -191,15 +192,13 @@ def modules_to_save_names(model: nnx.Module, entries: list[str] | None) -> list[
     if not entries:
         return []
     modules = named_modules(model)
-    chosen = [name for name in modules if any(name.endswith(entry) for entry in entries)]
+    chosen = [name for name in [*pending, *modules] if any(name.endswith(entry) for entry in entries)]
     for entry in entries:
         if not any(name.endswith(entry) for name in chosen):
-            tied = " (this model ties lm_head to embed_tokens: it has no separate lm_head)" if "lm_head".endswith(entry) \
-                and "lm_head" not in modules else ""
-            raise AdapterError(f"modules_to_save entry {entry!r} matches no module of the model{tied}; "
-                               f"modules: {[n for n in modules if '.' not in n or n.count('.') <= 1][:8]} ...")
+            raise AdapterError(f"modules_to_save entry {entry!r} matches no module of the model; "
+                               f"modules: {[n for n in modules if n.count('.') <= 1][:8]} ...")
     for name in chosen:
-        if isinstance(modules[name], LoraLinear):
+        if isinstance(modules.get(name), LoraLinear):
             raise AdapterError(f"modules_to_save selects {name}, which carries LoRA: a module cannot be both")
         inner = [other for other in chosen if other.startswith(name + ".")]
         if inner:

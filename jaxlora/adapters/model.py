@@ -16,7 +16,6 @@ modules_to_save and every inactive adapter are plain ``nnx.Param`` or quantized 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 from flax import nnx
 
@@ -24,11 +23,10 @@ from jaxlora.adapters.config import AdapterError, LoraConfig
 from jaxlora.adapters.matching import (OUTPUT_LAYER_NAMES, modules_to_save_names, named_modules, rank_and_alpha,
                                        target_names)
 from jaxlora.adapters.modules_to_save import ModulesToSaveParam, ModulesToSaveWrapper, retype
+from jaxlora.adapters.tied import (INPUT_EMBEDDING, OUTPUT_LAYER, pending_output_layer, restore_tie, settle_after_merge,
+                                   ties_embeddings, untie_output)
 from jaxlora.models.llama import count_parameters
-from jaxlora.nn import Linear, Linear4bit, LoraLinear
-
-TIED_INPUT_EMBEDDING = "model.embed_tokens"
-"""The input embedding, whose weight a tied model's output layer shares."""
+from jaxlora.nn import Linear4bit, LoraLinear
 
 
 def set_submodule(root: nnx.Module, name: str, module: nnx.Module) -> None:
@@ -49,16 +47,19 @@ def get_submodule(root: nnx.Module, name: str):
     return node
 
 
-def _ties_embeddings(model: nnx.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-
-
-def _check_modules_to_save(model: nnx.Module, config: LoraConfig, names: list[str], lora_names: list[str]) -> None:
+def _modules_to_save(model: nnx.Module, config: LoraConfig, lora_names: list[str]) -> list[str]:
+    """The modules_to_save paths of ``config``, checked (AdapterError) before anything changes."""
+    names = modules_to_save_names(model, config.modules_to_save, tuple(pending_output_layer(model)))
     for name in names:
         if any(name == t or t.startswith(name + ".") for t in lora_names):
-            raise AdapterError(f"modules_to_save selects {name}, which target_modules also gives LoRA; a module is one or the other")
+            raise AdapterError(f"modules_to_save selects {name}, which target_modules also gives LoRA; "
+                               "a module is one or the other")
+        if ties_embeddings(model) and name in (INPUT_EMBEDDING, OUTPUT_LAYER) and config.ensure_weight_tying:
+            raise AdapterError(f"modules_to_save {name} with ensure_weight_tying=True on a model with tied embeddings: "
+                               "PEFT then ties both to one copy; jaxlora does not implement that (without it each side "
+                               "keeps its own module, as in PEFT)")
         module = get_submodule(model, name)
-        if isinstance(module, ModulesToSaveWrapper):
+        if module is None or isinstance(module, ModulesToSaveWrapper):  # None: the tied lm_head, made as a dense Linear
             continue
         everything = nnx.to_flat_state(nnx.state(module))
         frozen = nnx.to_flat_state(nnx.state(module, nnx.Param))
@@ -66,10 +67,7 @@ def _check_modules_to_save(model: nnx.Module, config: LoraConfig, names: list[st
             kinds = sorted({type(v).__name__ for _, v in everything})
             raise AdapterError(f"modules_to_save selects {name} ({type(module).__name__}, variables {kinds}): only modules "
                                "of dense parameters (nnx.Param) can be trained in full")
-        if _ties_embeddings(model) and name == TIED_INPUT_EMBEDDING and config.ensure_weight_tying:
-            raise AdapterError(f"modules_to_save {name} with ensure_weight_tying=True on a model with tied embeddings: "
-                               "PEFT then ties the output layer to the copy; jaxlora does not implement that (without "
-                               "ensure_weight_tying the output layer keeps the original embedding, as in PEFT)")
+    return names
 
 
 def inject_adapter(model: nnx.Module, config: LoraConfig, adapter_name: str, rngs: nnx.Rngs, *,
@@ -78,8 +76,7 @@ def inject_adapter(model: nnx.Module, config: LoraConfig, adapter_name: str, rng
     modules_to_save module. Nothing changes when the config does not fit (AdapterError). Returns the
     LoRA layers' names."""
     names = target_names(model, config)
-    save_names = modules_to_save_names(model, config.modules_to_save)
-    _check_modules_to_save(model, config, save_names, names)
+    save_names = _modules_to_save(model, config, names)
     for name in names:
         layer = get_submodule(model, name)
         r, alpha = rank_and_alpha(config, name)
@@ -95,22 +92,11 @@ def inject_adapter(model: nnx.Module, config: LoraConfig, adapter_name: str, rng
         if isinstance(module, ModulesToSaveWrapper):
             module.add_adapter(adapter_name)
             continue
-        if name == TIED_INPUT_EMBEDDING and _ties_embeddings(model) and model.lm_head is None:
-            # PEFT's tied output layer keeps the original embedding when the input embedding gets a
-            # copy: an explicit output layer holding the same variable says so (same logits as the
-            # tied path: both are linear_matmul(hidden, weight)).
-            model.lm_head = Linear.from_weight(module.weight.get_value())
-            model.lm_head.weight = module.weight
+        if name in (INPUT_EMBEDDING, OUTPUT_LAYER):
+            untie_output(model)  # each side of a tie keeps its own module (jaxlora.adapters.tied)
+            module = get_submodule(model, name)
         set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name, active=active))
     return names
-
-
-def _unwrap(model: nnx.Module, name: str, module: nnx.Module) -> None:
-    """Put ``module`` back at ``name``; a tied model's output layer goes back to the tie when it was
-    only there to keep the original embedding (see `inject_adapter`)."""
-    set_submodule(model, name, module)
-    if name == TIED_INPUT_EMBEDDING and _ties_embeddings(model) and getattr(model.lm_head, "weight", None) is module.weight:
-        model.lm_head = None
 
 
 class PeftModel(nnx.Module):
@@ -173,7 +159,8 @@ class PeftModel(nnx.Module):
             if adapter_name in wrapper.modules_to_save:
                 wrapper.delete_adapter(adapter_name)
                 if not wrapper.adapter_names:  # no adapter trains this module any more
-                    _unwrap(self.base_model, name, wrapper.original_module)
+                    set_submodule(self.base_model, name, wrapper.original_module)
+                    restore_tie(self.base_model)
         self.peft_config = {k: v for k, v in self.peft_config.items() if k != adapter_name}
 
     @contextlib.contextmanager
@@ -209,8 +196,8 @@ class PeftModel(nnx.Module):
         unless ``requantize=True``, which quantizes the merged weight again with the same settings
         (what PEFT does with bitsandbytes; it adds a second quantization error). A modules_to_save
         module becomes the active adapter's copy (the original where that adapter has none), with
-        plain parameters. With tied embeddings and a copy of the input embedding, the output layer
-        keeps the original embedding, as in PEFT: the model comes back untied (``lm_head`` set,
+        plain parameters. With tied embeddings and a copy of either side, the other side keeps the
+        original, as in PEFT: the model comes back untied (``lm_head`` set,
         ``config.tie_word_embeddings`` False). This ``PeftModel`` must not be used afterwards.
         """
         model = self.base_model
@@ -221,12 +208,8 @@ class PeftModel(nnx.Module):
         for name, wrapper in self.modules_to_save().items():
             kept = wrapper.active_module()
             retype(kept, nnx.Param)
-            if kept is wrapper.original_module:
-                _unwrap(model, name, kept)
-                continue
             set_submodule(model, name, kept)
-            if name == TIED_INPUT_EMBEDDING and _ties_embeddings(model):  # lm_head keeps the original
-                model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+        settle_after_merge(model)
         return model
 
 
@@ -254,15 +237,15 @@ def planned_parameter_counts(model: nnx.Module, config: LoraConfig) -> tuple[int
     if any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in named_modules(model).values()):
         raise AdapterError("planned_parameter_counts needs a model without adapters")
     names = target_names(model, config)
-    save_names = modules_to_save_names(model, config.modules_to_save)
-    _check_modules_to_save(model, config, save_names, names)
+    save_names = _modules_to_save(model, config, names)
     trainable = 0
     for name in names:
         layer = get_submodule(model, name)
         r, _ = rank_and_alpha(config, name)
         trainable += r * (layer.in_features + layer.out_features) + layer.out_features * (config.use_dora + config.lora_bias)
-    for name in save_names:
-        trainable += count_parameters(get_submodule(model, name), nnx.Param)
+    for name in save_names:  # a pending tied lm_head is a copy of the embedding's weight
+        module = get_submodule(model, name) if name not in pending_output_layer(model) else get_submodule(model, INPUT_EMBEDDING)
+        trainable += count_parameters(module, nnx.Param)
     return trainable, _frozen_parameter_count(model) + trainable
 
 
@@ -289,5 +272,5 @@ def merge_and_unload(peft_model: PeftModel, *, requantize: bool = False) -> nnx.
 
 
 __all__ = ["AdapterError", "LoraConfig", "ModulesToSaveParam", "ModulesToSaveWrapper", "OUTPUT_LAYER_NAMES",
-           "PeftModel", "TIED_INPUT_EMBEDDING", "get_peft_model", "get_submodule", "merge_and_unload",
+           "PeftModel", "get_peft_model", "get_submodule", "merge_and_unload",
            "planned_parameter_counts", "set_submodule", "target_names"]

@@ -24,6 +24,7 @@ LORA_CONFIGS = [
     ("tied", dict(r=4, target_modules="all-linear")),
     ("tied", dict(r=4, target_modules="all-linear", exclude_modules=["o_proj"], use_dora=True)),
     ("tied", dict(r=4, target_modules=["down_proj"], lora_bias=True, modules_to_save=["embed_tokens"])),
+    ("tied", dict(r=4, target_modules=["o_proj"], modules_to_save=["lm_head"])),
     ("untied", dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head", "input_layernorm"])),
     ("untied", dict(r=2, target_modules="all-linear")),
 ]
@@ -42,7 +43,7 @@ def train_config(model_dir, lora: dict, **run):
 
 
 @pytest.mark.parametrize("which,lora", LORA_CONFIGS, ids=["regex", "layers_to_transform", "layers_pattern-full-name",
-                                                         "rank_pattern", "all-linear", "exclude-dora", "lora_bias-embed_tokens",
+                                                         "rank_pattern", "all-linear", "exclude-dora", "lora_bias-embed_tokens", "tied-lm_head",
                                                          "lm_head-norms", "untied-all-linear"])
 def test_preflight_counts_what_the_trainer_builds(which, lora, tiny_model_dir, untied_model_dir):
     model_dir = tiny_model_dir if which == "tied" else untied_model_dir

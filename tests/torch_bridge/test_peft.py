@@ -85,13 +85,15 @@ TO_PEFT = [
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules=["gate_proj"], modules_to_save=["lm_head"])),
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules=["o_proj"], modules_to_save=["embed_tokens", "lm_head"])),
     ("mha-tied", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    ("mha-tied", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
     ("bias", dict(r=2, lora_alpha=4, target_modules="all-linear", lora_bias=True)),
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], lora_bias=True)),
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["o_proj", "layers.1.mlp.up_proj"])),
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=r".*layers\.0\..*")),
 ]
 TO_PEFT_IDS = ["all-linear", "rslora", "dora", "patterns", "regex", "modules_to_save", "modules_to_save-two",
-               "modules_to_save-tied", "lora_bias", "lora_bias-no-base-bias", "exclude-list", "exclude-regex"]
+               "modules_to_save-tied", "modules_to_save-tied-lm_head", "lora_bias", "lora_bias-no-base-bias", "exclude-list",
+               "exclude-regex"]
 
 
 @pytest.mark.parametrize("name,config", TO_PEFT, ids=TO_PEFT_IDS)
@@ -114,7 +116,7 @@ FROM_PEFT = [
                         rank_pattern={"layers.0.self_attn.v_proj": 2}, alpha_pattern={"^model.layers.0.self_attn.q_proj": 3})),
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules=["o_proj"], modules_to_save=["lm_head"])),
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules=["o_proj"], modules_to_save=["embed_tokens", "lm_head"])),
-    ("mha-tied", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    ("mha-tied", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])),
     ("bias", dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "up_proj"], lora_bias=True)),
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules="all-linear", lora_bias=True)),
     ("gqa-untied", dict(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["k_proj", "layers.0.mlp.gate_proj"])),
@@ -152,7 +154,8 @@ def test_peft_adapter_loads_in_jaxlora(tmp_path, name, config):
     ("gqa-untied", dict(r=4, lora_alpha=8, target_modules="all-linear")),
     ("bias", dict(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True, modules_to_save=["lm_head"])),
     ("mha-tied", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
-], ids=["all-linear", "lora_bias-modules_to_save", "tied-embed_tokens"])
+    ("mha-tied", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+], ids=["all-linear", "lora_bias-modules_to_save", "tied-embed_tokens", "tied-lm_head"])
 def test_merged_export_matches_peft_merge_and_unload(tmp_path, name, config):
     torch.manual_seed(0)
     with warnings.catch_warnings():
