@@ -2,14 +2,18 @@
 
 ``adapter_config.json`` is written with every key PEFT 0.21 writes (sorted, indent 2) and
 ``adapter_model.safetensors`` with PEFT's key names: ``base_model.model.<module>.lora_A.weight``
-``[r, in]``, ``lora_B.weight`` ``[out, r]``, ``lora_magnitude_vector`` ``[out]`` (DoRA), and the full
-parameters of modules_to_save (``base_model.model.lm_head.weight``), all float32 unless stored
-otherwise. Reading is strict: a tensor that matches no module, a targeted module without weights,
-or a shape mismatch is an error naming the key and the shapes.
+``[r, in]``, ``lora_B.weight`` ``[out, r]``, ``lora_B.bias`` ``[out]`` (lora_bias),
+``lora_magnitude_vector`` ``[out]`` (DoRA), and the saved adapter's own copy of each modules_to_save
+module under the module's plain parameter names (``base_model.model.lm_head.weight``; the original is
+not saved), all float32 unless stored otherwise. Reading is strict: an option that changes the
+numbers and that jaxlora does not implement (`jaxlora.adapters.config`), a tensor that matches no
+module, a targeted module without weights, or a shape mismatch is an error naming the key and the
+shapes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.atomic import atomic_write, atomic_write_json
-from jaxlora.peft import LoraConfig, ModulesToSaveParam, PeftModel, get_peft_model, target_names
+from jaxlora.adapters.config import AdapterError, LoraConfig
+from jaxlora.peft import PeftModel, get_peft_model
 
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
@@ -30,24 +35,18 @@ class AdapterFileError(ValueError):
     """An adapter directory that is missing, malformed, or does not fit the model."""
 
 
+CONFIG_ONLY_KEYS = ("peft_type", "auto_mapping", "peft_version", "runtime_config")
+"""PEFT config keys that are not `LoraConfig` fields: checked (peft_type, auto_mapping) or metadata."""
+
+
 def adapter_config_dict(config: LoraConfig, target_modules, base_model_class: str = "LlamaForCausalLM") -> dict:
     """The 41 keys of PEFT's adapter_config.json (formats.md A.2) for ``config``."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig)}
     return {
-        "alora_invocation_tokens": None, "alpha_pattern": dict(config.alpha_pattern), "arrow_config": None,
-        "auto_mapping": None if config.task_type else {
+        **values, "target_modules": target_modules, "alpha_pattern": dict(config.alpha_pattern),
+        "rank_pattern": dict(config.rank_pattern), "inference_mode": True, "peft_type": "LORA",
+        "peft_version": PEFT_VERSION, "auto_mapping": None if config.task_type else {
             "base_model_class": base_model_class, "parent_library": "transformers.models.llama.modeling_llama"},
-        "base_model_name_or_path": config.base_model_name_or_path, "bias": config.bias, "corda_config": None,
-        "ensure_weight_tying": False, "eva_config": None, "exclude_modules": config.exclude_modules,
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": config.init_lora_weights,
-        "kasa_config": None, "layer_replication": None, "layers_pattern": config.layers_pattern,
-        "layers_to_transform": config.layers_to_transform, "loftq_config": {}, "lora_alpha": config.lora_alpha,
-        "lora_bias": False, "lora_dropout": config.lora_dropout, "lora_ga_config": None, "megatron_config": None,
-        "megatron_core": "megatron.core", "modules_to_save": config.modules_to_save, "monteclora_config": None,
-        "peft_type": "LORA", "peft_version": PEFT_VERSION, "qalora_group_size": 16, "r": config.r,
-        "rank_pattern": dict(config.rank_pattern), "revision": None, "target_modules": target_modules,
-        "target_parameters": None, "task_type": config.task_type, "trainable_token_indices": None,
-        "use_bdlora": None, "use_dora": config.use_dora, "use_qalora": False, "use_rslora": config.use_rslora,
-        "velora_config": None,
     }
 
 
@@ -59,11 +58,21 @@ def adapter_tensors(peft_model: PeftModel, adapter_name: str) -> dict[str, np.nd
             continue
         tensors[f"{PREFIX}{name}.lora_A.weight"] = np.asarray(layer.lora_A[adapter_name].get_value())
         tensors[f"{PREFIX}{name}.lora_B.weight"] = np.asarray(layer.lora_B[adapter_name].get_value())
+        if adapter_name in layer.lora_B_bias:
+            tensors[f"{PREFIX}{name}.lora_B.bias"] = np.asarray(layer.lora_B_bias[adapter_name].get_value())
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.asarray(layer.lora_magnitude_vector[adapter_name].get_value())
-    for path, variable in nnx.to_flat_state(nnx.state(peft_model.base_model, ModulesToSaveParam)):
-        tensors[PREFIX + ".".join(map(str, path))] = np.asarray(variable.get_value())
+    for name, path, variable in _copies(peft_model, adapter_name):
+        tensors[f"{PREFIX}{name}.{path}"] = np.asarray(variable.get_value())
     return tensors
+
+
+def _copies(peft_model: PeftModel, adapter_name: str):
+    """``(module name, parameter path, variable)`` of adapter ``adapter_name``'s modules_to_save copies."""
+    for name, wrapper in peft_model.modules_to_save().items():
+        if adapter_name in wrapper.modules_to_save:
+            for path, variable in nnx.to_flat_state(nnx.state(wrapper.modules_to_save[adapter_name], nnx.Param)):
+                yield name, ".".join(map(str, path)), variable
 
 
 def save_peft_adapter(peft_model: PeftModel, out_dir, *, adapter_name: str | None = None,
@@ -81,9 +90,9 @@ def save_peft_adapter(peft_model: PeftModel, out_dir, *, adapter_name: str | Non
         raise AdapterFileError(f"adapter {name!r} not found; adapters: {list(peft_model.peft_config)}")
     config = peft_model.peft_config[name]
     if base_model_name_or_path is not None:
-        config = LoraConfig(**{**config.__dict__, "base_model_name_or_path": base_model_name_or_path})
+        config = config.replace(base_model_name_or_path=base_model_name_or_path)
     targets = config.target_modules
-    if targets == "all-linear":  # PEFT saves the expanded set of full module paths
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # PEFT saves the expanded set of full module paths
         targets = sorted(n for n, layer in peft_model.lora_layers().items() if name in layer.lora_A)
     tensors = adapter_tensors(peft_model, name)
     out = Path(out_dir)
@@ -107,17 +116,15 @@ def read_adapter_config(adapter_dir) -> LoraConfig:
     auto = raw.get("auto_mapping") or {}
     if auto.get("base_model_class") not in (None, "LlamaForCausalLM"):
         raise AdapterFileError(f"{path}: the adapter was made for {auto['base_model_class']}, not LlamaForCausalLM")
-    unsupported = {k: raw.get(k) for k in ("fan_in_fan_out", "lora_bias", "use_qalora") if raw.get(k)}
-    unsupported.update({k: raw[k] for k in ("layer_replication", "target_parameters", "trainable_token_indices") if raw.get(k)})
-    if raw.get("bias", "none") != "none":
-        unsupported["bias"] = raw["bias"]
-    if unsupported:
-        raise AdapterFileError(f"{path}: options jaxlora does not implement: {unsupported}")
-    fields = {f for f in LoraConfig.__dataclass_fields__}
-    kwargs = {k: v for k, v in raw.items() if k in fields}
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    # Keys of a newer PEFT: harmless at their empty default, otherwise they may change the numbers.
+    unknown = {k: v for k, v in raw.items() if k not in fields and k not in CONFIG_ONLY_KEYS and v not in (None, False, {}, [])}
+    if unknown:
+        raise AdapterFileError(f"{path}: options jaxlora does not know (from a newer PEFT?): {unknown}; they may change "
+                               "the numbers, so the adapter is not loaded as plain LoRA")
     try:
-        return LoraConfig(**kwargs)
-    except (TypeError, ValueError) as err:
+        return LoraConfig(**{k: v for k, v in raw.items() if k in fields})
+    except (AdapterError, TypeError, ValueError) as err:
         raise AdapterFileError(f"{path}: {err}") from err
 
 
@@ -147,17 +154,15 @@ def load_peft_adapter(model, adapter_dir, *, adapter_name: str = "default") -> P
         keys = set(handle.keys())
     except Exception as err:
         raise AdapterFileError(f"{weights_path}: cannot be read as safetensors ({err})") from err
-    base = model.base_model if isinstance(model, PeftModel) else model
-    try:
-        target_names(base, config)
-    except ValueError as err:
-        raise AdapterFileError(f"{directory / CONFIG_NAME}: {err}") from err
     rngs = nnx.Rngs(params=0, dropout=1)
-    if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config, rngs=rngs)
-        peft_model = model
-    else:
-        peft_model = get_peft_model(model, config, adapter_name, rngs=rngs)
+    try:  # injection checks everything before it changes the model
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, config, rngs=rngs)
+            peft_model = model
+        else:
+            peft_model = get_peft_model(model, config, adapter_name, rngs=rngs)
+    except AdapterError as err:
+        raise AdapterFileError(f"{directory / CONFIG_NAME}: {err}") from err
     expected = adapter_tensors(peft_model, adapter_name)
     unexpected = sorted(keys - set(expected))
     if unexpected:
@@ -186,8 +191,9 @@ def _assign(peft_model: PeftModel, adapter_name: str, values: dict[str, np.ndarr
         dtype = layer.lora_dtype
         layer.lora_A[adapter_name].set_value(jnp.asarray(values[f"{PREFIX}{name}.lora_A.weight"], dtype))
         layer.lora_B[adapter_name].set_value(jnp.asarray(values[f"{PREFIX}{name}.lora_B.weight"], dtype))
+        if adapter_name in layer.lora_B_bias:
+            layer.lora_B_bias[adapter_name].set_value(jnp.asarray(values[f"{PREFIX}{name}.lora_B.bias"], dtype))
         if adapter_name in layer.lora_magnitude_vector:
             layer.lora_magnitude_vector[adapter_name].set_value(jnp.asarray(values[f"{PREFIX}{name}.lora_magnitude_vector"], dtype))
-    for path, variable in nnx.to_flat_state(nnx.state(peft_model.base_model, ModulesToSaveParam)):
-        key = PREFIX + ".".join(map(str, path))
-        variable.set_value(jnp.asarray(values[key], variable.get_value().dtype))
+    for name, path, variable in _copies(peft_model, adapter_name):
+        variable.set_value(jnp.asarray(values[f"{PREFIX}{name}.{path}"], variable.get_value().dtype))

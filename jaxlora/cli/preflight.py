@@ -11,7 +11,11 @@ config file and ``--set`` overrides still apply on top:
 
 `preflight` computes the trainable share of parameters and a memory estimate (`jaxlora.cli.memory`)
 from the model's config.json alone (no weights are loaded) and lists warnings for the classic
-mistakes: a full-fine-tuning learning rate with LoRA, lora_alpha equal to r, a 4-bit run that would
+mistakes. The share is counted on the model the trainer builds, as shapes only
+(`abstract_base_model`: ``nnx.eval_shape`` of the model; `jaxlora.adapters.planned_parameter_counts`
+with the run's LoRA config), so it follows the same matching as the run (regexes, layers_to_transform,
+exclude_modules, rank_pattern) and counts what the run trains (DoRA magnitudes, lora_bias,
+modules_to_save copies): a full-fine-tuning learning rate with LoRA, lora_alpha equal to r, a 4-bit run that would
 fit only with gradient checkpointing, a chat model trained without its own prompt template, and an
 estimate above the memory available.
 """
@@ -22,9 +26,13 @@ import dataclasses
 import json
 from pathlib import Path
 
+from flax import nnx
+
+from jaxlora.adapters import planned_parameter_counts, target_names
+from jaxlora.models.llama import LlamaForCausalLM, count_parameters
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.train.config import TrainConfig
-from jaxlora.cli.memory import PROJECTIONS, MemoryEstimate, ModelShape, estimate_memory, format_estimate, resolve_targets
+from jaxlora.cli.memory import MemoryEstimate, ModelShape, estimate_memory, format_estimate
 
 PRESETS: dict[str, dict] = {
     "qv": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
@@ -79,21 +87,39 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def _targets(config: TrainConfig):
-    targets = config.lora.target_modules
-    if targets in (None, "all-linear"):
-        return "all-linear"
-    if isinstance(targets, str):  # a regular expression: count by the module names it matches
-        import re
-
-        return [name for name in PROJECTIONS if re.search(targets, name)]
-    return list(targets)
+def abstract_base_model(model_config: LlamaConfig) -> LlamaForCausalLM:
+    """The base model of ``model_config`` as shapes and dtypes only (``nnx.eval_shape``): nothing is
+    allocated or loaded."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(0)))
 
 
-def estimate_for(config: TrainConfig, model_config: LlamaConfig, platform: str) -> MemoryEstimate:
+def parameter_counts(config: TrainConfig, base) -> tuple[int, int]:
+    """``(trainable, all)`` of the run, as the trainer's `PeftModel.get_nb_trainable_parameters` (everything
+    trains in full fine-tuning), from the same matching (`planned_parameter_counts`).
+
+    Raises:
+      AdapterError: the LoRA config does not fit the model (e.g. targets that match nothing).
+    """
+    if config.run.full_finetune:
+        total = count_parameters(base, nnx.Param)
+        return total, total
+    return planned_parameter_counts(base, config.lora)
+
+
+def adapted_projections(config: TrainConfig, base) -> list[str]:
+    """The short names (``q_proj``, ``lm_head``) of the layers the run gives LoRA, for the memory estimate."""
+    if config.run.full_finetune:
+        return []
+    return sorted({name.rsplit(".", 1)[-1] for name in target_names(base, config.lora)})
+
+
+def estimate_for(config: TrainConfig, model_config: LlamaConfig, platform: str, targets=None) -> MemoryEstimate:
+    """The memory estimate of the run; ``targets``: the adapted projections (default: from the abstract model)."""
     method = "full" if config.run.full_finetune else ("qlora" if config.model.quantize else "lora")
+    if targets is None:
+        targets = adapted_projections(config, abstract_base_model(model_config))
     return estimate_memory(
-        ModelShape.from_config(model_config), method=method, rank=config.lora.r, targets=_targets(config),
+        ModelShape.from_config(model_config), method=method, rank=config.lora.r, targets=targets or "all-linear",
         batch=config.run.batch_size, seq=config.data.max_seq_length,
         grad_ckpt=config.model.gradient_checkpointing, offload=config.optim.offload_optimizer_state,
         dtype=config.model.dtype, compute_dtype=config.model.compute_dtype,
@@ -109,12 +135,10 @@ def preflight(config: TrainConfig, model_dir, *, available_bytes: int | None = N
     model_dir = Path(model_dir)
     model_config = LlamaConfig.from_file(model_dir / "config.json")
     platform = platform or jax.devices()[0].platform
-    estimate = estimate_for(config, model_config, platform)
-    shape = ModelShape.from_config(model_config)
-    total = shape.parameter_count()
-    trainable = total if config.run.full_finetune else lora_parameter_count(shape, config.lora.r, _targets(config))
-    if not config.run.full_finetune:
-        total += trainable  # PEFT's "all params" counts the adapters too
+    base = abstract_base_model(model_config)
+    targets = adapted_projections(config, base)
+    estimate = estimate_for(config, model_config, platform, targets)
+    trainable, total = parameter_counts(config, base)
     if available_bytes is None:
         available_bytes = available_memory_bytes()
 
@@ -129,7 +153,7 @@ def preflight(config: TrainConfig, model_dir, *, available_bytes: int | None = N
     if available_bytes is not None and estimate.total() > available_bytes:
         hint = ""
         if not config.model.gradient_checkpointing:
-            with_ckpt = estimate_for(_with(config, "model", gradient_checkpointing=True), model_config, platform)
+            with_ckpt = estimate_for(_with(config, "model", gradient_checkpointing=True), model_config, platform, targets)
             if with_ckpt.total() <= available_bytes:
                 hint = (f"; with model.gradient_checkpointing = true it needs {with_ckpt.total() / 2**30:.2f} GiB "
                         "and fits")
@@ -144,14 +168,6 @@ def preflight(config: TrainConfig, model_dir, *, available_bytes: int | None = N
     return Preflight(trainable, total, estimate, available_bytes, tuple(warnings))
 
 
-def lora_parameter_count(shape: ModelShape, rank: int, targets) -> int:
-    """LoRA A and B elements: ``r * (in + out)`` per targeted projection per layer."""
-    sizes = shape.projection_shapes()
-    per_layer = sum(rank * sum(sizes[name]) for name in resolve_targets(shape, targets) if name in sizes)
-    lm_head = rank * (shape.hidden_size + shape.vocab_size) if "lm_head" in resolve_targets(shape, targets) else 0
-    return shape.num_hidden_layers * per_layer + lm_head
-
-
 def _with(config: TrainConfig, section: str, **changes) -> TrainConfig:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
@@ -163,4 +179,5 @@ def _has_chat_template(model_dir: Path) -> bool:
     return path.is_file() and bool(json.loads(path.read_text()).get("chat_template"))
 
 
-__all__ = ["PRESETS", "Preflight", "apply_preset", "available_memory_bytes", "preflight", "estimate_for"]
+__all__ = ["PRESETS", "Preflight", "abstract_base_model", "adapted_projections", "apply_preset",
+           "available_memory_bytes", "estimate_for", "parameter_counts", "preflight"]

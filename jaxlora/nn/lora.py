@@ -1,18 +1,22 @@
 """LoRA: a frozen base linear layer plus trainable low-rank updates, with PEFT's exact semantics.
 
-    y = base(x) + s * (dropout(x) A^T) B^T,   s = lora_alpha / r   (rsLoRA: lora_alpha / sqrt(r))
+    y = base(x) + s * ((dropout(x) A^T) B^T + b_B),   s = lora_alpha / r   (rsLoRA: lora_alpha / sqrt(r))
+
+(``b_B`` only with ``lora_bias``, PEFT's bias on lora_B.)
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685); rsLoRA:
 Kalajdzievski, arXiv:2312.03732; DoRA: Liu et al., arXiv:2402.09353. Names, shapes and
 initialisation follow PEFT (formats.md A.4-A.8), including its in-memory layout with named
 adapters: ``lora_A[name]`` ``[r, in]``, ``lora_B[name]`` ``[out, r]``, and for DoRA
-``lora_magnitude_vector[name]`` ``[out]``. One adapter is active at a time (`set_adapter`), and
-adapters can be disabled for a forward pass (``disable_adapters = True``).
+``lora_magnitude_vector[name]`` ``[out]``, and with ``lora_bias`` ``lora_B_bias[name]`` ``[out]``
+(PEFT's ``lora_B[name].bias``). One adapter is active at a time (`set_adapter`), and adapters can be
+disabled for a forward pass (``disable_adapters = True``).
 
 The base is any layer with ``in_features``, ``out_features``, ``dense_weight(dtype)`` and an
-optional ``bias``: `jaxlora.nn.Linear` (LoRA) or `jaxlora.nn.Linear4bit` (QLoRA). The LoRA
-parameters are ``nnx.LoRAParam`` variables, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
-``nnx.state(model, nnx.LoRAParam)`` select exactly them; the base stays frozen.
+optional ``bias``: `jaxlora.nn.Linear` (LoRA) or `jaxlora.nn.Linear4bit` (QLoRA). The active
+adapter's parameters are ``nnx.LoRAParam`` variables, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``
+and ``nnx.state(model, nnx.LoRAParam)`` select exactly them; the base and the other adapters hold
+plain ``nnx.Param`` (frozen), as PEFT trains the active adapter only (`set_adapter` moves that).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class LoraLinear(nnx.Module):
       use_dora: weight-decomposed LoRA, with a trainable magnitude ``[out]``.
       init_lora_weights: ``True`` (A kaiming-uniform a=sqrt(5), B = 0), ``"gaussian"`` (A ~ N(0, 1/r),
         B = 0) or ``False`` (B random too: the adapter is not a no-op; for tests).
+      lora_bias: a trainable bias on lora_B, ``[out]`` (zero at init unless ``init_lora_weights=False``).
       lora_dtype: dtype of the adapter parameters (default float32, as PEFT's autocast_adapter_dtype).
       rngs: random streams (``params`` for the init, ``dropout`` for dropout).
 
@@ -96,30 +101,34 @@ class LoraLinear(nnx.Module):
 
     def __init__(self, base: Linear | Linear4bit, *, adapter_name: str = "default", r: int, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
-                 init_lora_weights: InitLoraWeights = True, lora_dtype=jnp.float32, rngs: nnx.Rngs):
+                 init_lora_weights: InitLoraWeights = True, lora_bias: bool = False, lora_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_dtype = jnp.dtype(lora_dtype)
         self.lora_A = nnx.Dict()
         self.lora_B = nnx.Dict()
         self.lora_magnitude_vector = nnx.Dict()
+        self.lora_B_bias = nnx.Dict()
         self.lora_dropout = nnx.Dict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         self.active_adapter = adapter_name
         self.disable_adapters = False
         self.merged = False
         self.unmerged_base = nnx.data(None)
         self.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                         use_dora=use_dora, init_lora_weights=init_lora_weights, rngs=rngs)
+                         use_dora=use_dora, init_lora_weights=init_lora_weights, lora_bias=lora_bias, rngs=rngs)
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, *, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False, init_lora_weights: InitLoraWeights = True,
-                    rngs: nnx.Rngs) -> None:
-        """Create adapter ``name`` (arguments as in the constructor); the active adapter is unchanged."""
+                    lora_bias: bool = False, rngs: nnx.Rngs) -> None:
+        """Create adapter ``name`` (arguments as in the constructor); the active adapter is unchanged, and
+        a new adapter that is not the active one is frozen until `set_adapter` selects it."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -128,6 +137,8 @@ class LoraLinear(nnx.Module):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists; adapters: {list(self.lora_A.keys())}")
+        if lora_bias and use_dora:
+            raise ValueError("lora_bias cannot be combined with use_dora (as in PEFT)")
         shape_a, shape_b = (r, self.in_features), (self.out_features, r)
         if init_lora_weights == "gaussian":
             a = jax.random.normal(rngs.params(), shape_a, self.lora_dtype) / r
@@ -137,8 +148,13 @@ class LoraLinear(nnx.Module):
             b = torch_linear_uniform(rngs.params(), shape_b, r, self.lora_dtype)
         else:
             b = jnp.zeros(shape_b, self.lora_dtype)
-        self.lora_A[name] = nnx.LoRAParam(a)
-        self.lora_B[name] = nnx.LoRAParam(b)
+        param = nnx.LoRAParam if name == self.active_adapter else nnx.Param
+        self.lora_A[name] = param(a)
+        self.lora_B[name] = param(b)
+        if lora_bias:  # nn.Linear's bias: zero for PEFT's initialisations, torch's uniform with init False
+            bias = (torch_linear_uniform(rngs.params(), (self.out_features,), r, self.lora_dtype) if init_lora_weights is False
+                    else jnp.zeros((self.out_features,), self.lora_dtype))
+            self.lora_B_bias[name] = param(bias)
         if lora_dropout > 0:
             self.lora_dropout[name] = nnx.Dropout(lora_dropout, rngs=rngs)
         # New dict objects (not in-place updates): these are static attributes of the module.
@@ -146,8 +162,9 @@ class LoraLinear(nnx.Module):
         self.lora_alpha = {**self.lora_alpha, name: lora_alpha}
         self.scaling = {**self.scaling, name: lora_scaling(r, lora_alpha, use_rslora)}
         self.use_dora = {**self.use_dora, name: use_dora}
+        self.lora_bias = {**self.lora_bias, name: lora_bias}
         if use_dora:
-            self.lora_magnitude_vector[name] = nnx.LoRAParam(self._weight_norm(name))
+            self.lora_magnitude_vector[name] = param(self._weight_norm(name))
 
     def set_adapter(self, name: str, *, allow_missing: bool = False) -> None:
         """Make adapter ``name`` the one that runs (and trains).
@@ -160,6 +177,11 @@ class LoraLinear(nnx.Module):
         if self.merged:
             raise ValueError("cannot switch adapters while merged; call unmerge() first")
         self.active_adapter = name
+        for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_B_bias):
+            for adapter, variable in list(table.items()):
+                wanted = nnx.LoRAParam if adapter == name else nnx.Param
+                if type(variable) is not wanted:
+                    table[adapter] = wanted(variable.get_value())
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; the active adapter cannot be deleted while others exist."""
@@ -167,11 +189,12 @@ class LoraLinear(nnx.Module):
             raise ValueError(f"adapter {name!r} not found; adapters: {list(self.lora_A.keys())}")
         if name == self.active_adapter:
             raise ValueError(f"adapter {name!r} is active; set_adapter() to another one before deleting it")
-        for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
+        for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_B_bias, self.lora_dropout):
             if name in table:
                 del table[name]
-        self.r, self.lora_alpha, self.scaling, self.use_dora = (
-            {k: v for k, v in d.items() if k != name} for d in (self.r, self.lora_alpha, self.scaling, self.use_dora)
+        self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias = (
+            {k: v for k, v in d.items() if k != name}
+            for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias)
         )
 
     @property
@@ -203,6 +226,8 @@ class LoraLinear(nnx.Module):
         dropout = self.lora_dropout[name] if name in self.lora_dropout else None
         dropped = dropout(lora_x) if dropout is not None else lora_x
         lora_out = lora_update(dropped, self.lora_A[name][...], self.lora_B[name][...], scaling)
+        if name in self.lora_B_bias:  # PEFT: lora_B(lora_A(x)) * scaling, the bias inside the scaling
+            lora_out = lora_out + broadcast_last(scaling * self.lora_B_bias[name][...], lora_out.ndim)
         if not self.use_dora[name]:
             return result + lora_out.astype(result.dtype)
         # DoRA (formats.md A.8): base_out + (m/n - 1) * x W^T + (m/n) * s * x A^T B^T, n detached.
@@ -231,10 +256,25 @@ class LoraLinear(nnx.Module):
             w = (self.lora_magnitude_vector[name][...] / jnp.linalg.norm(w, axis=1))[:, None] * w
         return w
 
+    def merged_bias(self, name: str | None = None) -> jax.Array | None:
+        """The base bias with adapter ``name``'s lora_B bias folded in: ``b + s * b_B`` (adapter dtype).
+
+        Raises ValueError when the adapter has a lora_B bias and the base has none (as PEFT).
+        """
+        name = name or self.active_adapter
+        bias = self._bias()
+        if name not in self.lora_B_bias:
+            return bias
+        if bias is None:
+            raise ValueError("cannot merge an adapter with lora_bias=True into a base layer without bias "
+                             f"(in_features={self.in_features}, out_features={self.out_features}), as in PEFT")
+        return bias.astype(self.lora_dtype) + self.scaling[name] * self.lora_B_bias[name][...]
+
     def merge(self, *, requantize: bool = True) -> None:
         """Fold the active adapter into the base weight; the forward pass then runs the base alone.
 
-        Full-precision base: ``W <- W + s B A`` computed in float32 and cast to W's dtype.
+        Full-precision base: ``W <- W + s B A`` computed in float32 and cast to W's dtype (with
+        lora_bias also ``b <- b + s b_B``, see `merged_bias`).
         4-bit base: like PEFT with bitsandbytes, the weight is dequantized, merged, and re-quantized
         with the same quant type, blocksize and double quantization (``requantize=True``, default);
         with ``requantize=False`` the merged weight stays dense (original dtype).
@@ -247,7 +287,9 @@ class LoraLinear(nnx.Module):
             raise ValueError(f"active adapter {self.active_adapter!r} is not in this layer; adapters: {self.adapter_names}")
         base = self.base
         merged = self.merged_weight()
-        bias = self._bias()
+        bias = self.merged_bias()
+        if bias is not None:  # in the base bias's own dtype, as PEFT
+            bias = bias.astype(self._bias().dtype)
         if isinstance(base, Linear4bit):
             q = base.quantized
             merged = merged.astype(q.dtype)

@@ -1,5 +1,5 @@
-"""LoraLinear against PEFT's lora.Linear: forward and gradients (fp32), rsLoRA, DoRA, dropout,
-initialisation, merge / unmerge, and parameter selection by type."""
+"""LoraLinear against PEFT's lora.Linear: forward and gradients (fp32), rsLoRA, DoRA, lora_bias,
+dropout, initialisation, merge / unmerge, and parameter selection by type."""
 
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def jax_copy(peft_proj, base, **lora_kwargs) -> LoraLinear:
     layer.lora_B["default"][...] = jnp.asarray(peft_proj.lora_B["default"].weight.detach().numpy())
     if layer.use_dora["default"]:
         layer.lora_magnitude_vector["default"][...] = jnp.asarray(peft_proj.lora_magnitude_vector["default"].weight.detach().numpy())
+    if layer.lora_bias["default"]:
+        layer.lora_B_bias["default"][...] = jnp.asarray(peft_proj.lora_B["default"].bias.detach().numpy())
     return layer
 
 
@@ -74,6 +76,7 @@ VARIANTS = [
     dict(r=8, lora_alpha=16, use_rslora=True),
     dict(r=4, lora_alpha=8, use_dora=True),
     dict(r=2, lora_alpha=5, use_rslora=True, use_dora=True),
+    dict(r=4, lora_alpha=6, lora_bias=True),
 ]
 
 
@@ -101,6 +104,9 @@ def test_forward_and_gradients_match_peft(kwargs, bias):
     assert_rel_close(param_grads["lora_B"]["default"][...], proj.lora_B["default"].weight.grad, 1e-6, "dL/dB")
     if kwargs.get("use_dora"):
         assert_rel_close(param_grads["lora_magnitude_vector"]["default"][...], proj.lora_magnitude_vector["default"].weight.grad, 1e-6, "dL/dm")
+    elif kwargs.get("lora_bias"):
+        assert np.abs(proj.lora_B["default"].bias.detach().numpy()).max() > 0  # init False: a random bias
+        assert_rel_close(param_grads["lora_B_bias"]["default"][...], proj.lora_B["default"].bias.grad, 1e-6, "dL/db_B")
     else:
         assert set(param_grads.keys()) == {"lora_A", "lora_B"} and "default" in param_grads["lora_A"]
 
@@ -147,18 +153,19 @@ def test_merge_with_hand_picked_weights():
         layer.unmerge()
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_merge_matches_peft_and_unmerge_restores_exactly(use_dora):
+@pytest.mark.parametrize("variant", ["lora", "dora", "lora_bias"])
+def test_merge_matches_peft_and_unmerge_restores_exactly(variant):
     lin, base = torch_linear(40, 24, bias=True, seed=3)
-    kwargs = dict(r=4, lora_alpha=8, use_dora=use_dora)
+    kwargs = dict(r=4, lora_alpha=8, use_dora=variant == "dora", lora_bias=variant == "lora_bias")
     model, proj = peft_layer(lin, **kwargs)
     layer = jax_copy(proj, base, **kwargs)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((7, 40)).astype(np.float32))
     unmerged_out = layer(x)
     w0 = np.asarray(layer.base.weight[...]).copy()
     layer.merge()
-    merged_t = model.merge_and_unload().proj.weight.detach().numpy()
-    assert_rel_close(layer.base.weight[...], merged_t, 1e-6, "merged weight vs PEFT")
+    merged_t = model.merge_and_unload().proj
+    assert_rel_close(layer.base.weight[...], merged_t.weight, 1e-6, "merged weight vs PEFT")
+    assert_rel_close(layer.base.bias[...], merged_t.bias, 1e-6, "merged bias vs PEFT")
     assert_rel_close(layer(x), unmerged_out, 1e-6, "merged forward")
     with pytest.raises(ValueError, match="already merged"):
         layer.merge()
@@ -255,3 +262,33 @@ def test_named_adapters_add_set_disable_delete():
         layer.set_adapter("other")
     with pytest.raises(ValueError, match="already exists"):
         layer.add_adapter("default", r=2, rngs=nnx.Rngs(0))
+
+
+def test_lora_bias_init_and_merge_without_base_bias():
+    base = Linear(16, 8, rngs=nnx.Rngs(0))  # no bias, like Llama's projections
+    layer = LoraLinear(base, r=4, lora_bias=True, rngs=nnx.Rngs(1))
+    assert not np.any(np.asarray(layer.lora_B_bias["default"][...]))  # PEFT zeroes it with B
+    x = jnp.ones((2, 16))
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(base(x)))
+    random = LoraLinear(base, r=4, lora_bias=True, init_lora_weights=False, rngs=nnx.Rngs(2))
+    bias = np.asarray(random.lora_B_bias["default"][...])
+    assert np.all(np.abs(bias) <= 0.5) and np.abs(bias).max() > 0  # nn.Linear(r, out) bias: U(-1/sqrt(r), 1/sqrt(r))
+    with pytest.raises(ValueError, match="without bias"):
+        random.merge()
+    with pytest.raises(ValueError, match="use_dora"):
+        LoraLinear(base, r=4, lora_bias=True, use_dora=True, rngs=nnx.Rngs(0))
+
+
+def test_only_the_active_adapter_is_trainable():
+    """As PEFT's requires_grad: the active adapter's weights are nnx.LoRAParam, the others plain nnx.Param."""
+    layer = LoraLinear(Linear(16, 8, use_bias=True, rngs=nnx.Rngs(0)), r=2, lora_bias=True, rngs=nnx.Rngs(1))
+    layer.add_adapter("other", r=4, use_dora=True, rngs=nnx.Rngs(2))
+
+    def trainable():
+        return {(k, a) for k, d in nnx.state(layer, nnx.LoRAParam).items() if k != "base" for a in d.keys()}
+
+    assert trainable() == {("lora_A", "default"), ("lora_B", "default"), ("lora_B_bias", "default")}
+    layer.set_adapter("other")
+    assert trainable() == {("lora_A", "other"), ("lora_B", "other"), ("lora_magnitude_vector", "other")}
+    total = sum(v.size for v in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+    assert total == 16 * 8 + 8 + 2 * (16 + 8) + 8 + 4 * (16 + 8) + 8  # frozen adapters still count in "all params"
