@@ -41,7 +41,7 @@ from jaxlora.atomic import atomic_write_json
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
-from jaxlora.data.sft import SFTTokenizer, batches, load_sft_data, steps_per_epoch
+from jaxlora.data.sft import SFTTokenizer, batches, load_eval_data, load_sft_data, steps_per_epoch
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer, to_memory
 from jaxlora.train.step import evaluate_loss, make_eval_step, make_train_step
 
@@ -89,11 +89,14 @@ def setup(config: TrainConfig):
 
     model_dir = resolve_model_path(config.model.path)
     tokenizer = SFTTokenizer(model_dir)
+    # With an eval_file, train_file is not split (DataSection refuses eval_fraction / eval_size beside it).
     train_data, eval_data, report = load_sft_data(config.data.train_file, tokenizer, config.data.pipeline())
+    print(f"training data: {report}", file=sys.stderr)
     if config.data.eval_file:
-        eval_data, _, eval_report = load_sft_data(config.data.eval_file, tokenizer, config.data.pipeline())
+        eval_data, eval_report = load_eval_data(config.data.eval_file, tokenizer, config.data.pipeline())
         print(f"eval data: {eval_report}", file=sys.stderr)
-    print(f"training data: {len(train_data)} rows; {report}", file=sys.stderr)
+    elif eval_data is not None:
+        print(f"eval data: the {report.held_out} records held out of {report.path}", file=sys.stderr)
     model = load_llama(model_dir, dtype=config.model.dtype, quantize=config.model.quantize,
                        double_quant=config.model.double_quant, blocksize=config.model.blocksize,
                        compute_dtype=config.model.compute_dtype)
