@@ -8,9 +8,12 @@ gradients of the trainable parameters only, AdamW). Around it:
 - progress on stderr (step, loss, tokens/s, ETA) and metrics as JSON lines in ``metrics.jsonl``;
 - evaluation every ``run.eval_every`` steps (or each epoch): eval loss and perplexity; the adapter
   with the best eval loss is kept apart in ``best_adapter/`` (like load_best_model_at_end);
-- orbax checkpoints every ``run.save_every`` steps (trainable parameters, optimizer state, dropout
-  RNG, step; the data position is a function of (seed, step)); an existing run directory resumes
-  from its latest checkpoint, and a resumed run reproduces an uninterrupted one bit for bit;
+- orbax checkpoints every ``run.save_every`` steps holding what trains, not the model: trainable
+  parameters, optimizer state, dropout RNG state, step and data position (a function of (seed, step),
+  recorded too), best eval loss, and a fingerprint of the base model (`jaxlora.train.fingerprint`).
+  An existing run directory resumes from its latest checkpoint: the base is loaded again from
+  ``model.path`` and must match the fingerprint (`BaseModelMismatchError` otherwise), and a resumed run
+  reproduces an uninterrupted one bit for bit;
 - SIGINT finishes the current step, saves a checkpoint and returns; a NaN/Inf loss stops the run with
   `TrainingError` before anything is saved, so the last good checkpoint stays the latest;
 - at the end: the PEFT adapter in ``adapter/`` (full fine-tuning: the HF checkpoint in ``model/``),
@@ -38,10 +41,11 @@ from pathlib import Path
 from flax import nnx
 
 from jaxlora.atomic import atomic_write_json
+from jaxlora.data.sft import SFTTokenizer, batches, load_eval_data, load_sft_data, steps_per_epoch
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
-from jaxlora.data.sft import SFTTokenizer, batches, load_eval_data, load_sft_data, steps_per_epoch
+from jaxlora.train.fingerprint import BaseModelMismatchError, base_fingerprint, check_fingerprint, load_settings
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer, to_memory
 from jaxlora.train.step import evaluate_loss, make_eval_step, make_train_step
 
@@ -133,6 +137,40 @@ def _plot(metrics_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def data_position(step: int, steps_per_epoch: int, rows_per_step: int, train_rows: int) -> dict[str, int]:
+    """Where in the data step ``step`` starts: ``batches(..., epoch=epoch, start_step=start_step)``."""
+    return {"epoch": step // steps_per_epoch, "start_step": step % steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch, "rows_per_step": rows_per_step, "train_rows": train_rows}
+
+
+def _restore(checkpointer: TrainCheckpointer, like: dict, fingerprint: dict, position_of) -> tuple[dict, dict]:
+    """The latest checkpoint's state and meta, after checking its base fingerprint and data position."""
+    step = checkpointer.latest_step()
+    where = str(checkpointer.directory / str(step))
+    meta = checkpointer.read_meta(step)
+    if "base" not in meta:
+        raise TrainingError(f"{where}: no base model fingerprint (a checkpoint of an earlier jaxlora, which held the "
+                            f"whole model); it cannot be resumed: start a new run.output_dir")
+    check_fingerprint(meta["base"], fingerprint, checkpoint=where)
+    position = position_of(step)
+    recorded = {key: meta.get(key) for key in position}
+    if recorded != position:
+        raise TrainingError(f"{where}: recorded data position {recorded}, but with the current training data and batch "
+                            f"settings step {step} is at {position}: resuming would skip or repeat records. Use the "
+                            f"data and run.batch_size / gradient_accumulation_steps of the checkpoint, or start a new "
+                            f"run.output_dir")
+    return checkpointer.restore(step, like)
+
+
+def _data_summary(train_data, eval_data) -> dict:
+    """Where the records went (the datasets' `DataReport`s) and the rows of each set."""
+    train_report = train_data.report
+    eval_report = None if eval_data is None else eval_data.report
+    return {"train_file": None if train_report is None else train_report.as_dict(),
+            "eval_file": None if eval_report is None or eval_report is train_report else eval_report.as_dict(),
+            "train_rows": len(train_data), "eval_rows": 0 if eval_data is None else len(eval_data)}
+
+
 def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     """Run (or resume) the training described by ``config``; returns the run summary.
 
@@ -150,23 +188,32 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     tx = make_optimizer(config.optim, total)
     schedule = learning_rate_schedule(config.optim, total)
 
+    def position_of(step):
+        return data_position(step, per_epoch, rows_per_step, len(train_data))
+
     model.eval()
     eval_graphdef = nnx.split(model, wrt, ...)[0]
     model.train()
     graphdef, trainable, rest = nnx.split(model, wrt, ...)
     opt_state = tx.init(trainable)
+    if config.optim.offload_optimizer_state:
+        opt_state = to_memory(opt_state, "pinned_host")
     step_fn = make_train_step(graphdef, tx, wrt=wrt, offload=config.optim.offload_optimizer_state)
     eval_step = make_eval_step(eval_graphdef)
+    model_config = config.model
+    fingerprint = base_fingerprint(model_dir, load_settings(model_config.dtype, model_config.quantize,
+                                                            model_config.double_quant, model_config.blocksize))
     checkpointer = TrainCheckpointer(run_dir / "checkpoints", keep=config.run.keep_checkpoints)
 
     start, best = 0, math.inf
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(None, {"trainable": trainable, "opt_state": opt_state, "rest": rest})
-        trainable, opt_state, rest = state["trainable"], state["opt_state"], state["rest"]
-        start, best = meta["step"], meta.get("best_eval_loss", math.inf)
+        # Only what trains is in the checkpoint: the frozen weights in `rest` are the base loaded again
+        # (its fingerprint checked), the dropout RNG state in it comes from the checkpoint.
+        like = {"trainable": trainable, "opt_state": opt_state, "rng": nnx.split_state(rest, nnx.RngState, ...)[0]}
+        state, meta = _restore(checkpointer, like, fingerprint, position_of)
+        trainable, opt_state, rest = state["trainable"], state["opt_state"], nnx.merge_state(rest, state["rng"])
+        start, best = meta["step"], meta["best_eval_loss"] if meta["best_eval_loss"] is not None else math.inf
         print(f"resuming from step {start}", file=sys.stderr)
-    if config.optim.offload_optimizer_state:
-        opt_state = to_memory(opt_state, "pinned_host")
 
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
@@ -174,8 +221,10 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     t0, tokens_seen, last_loss, eval_loss = time.time(), 0.0, math.nan, None
 
     def save(step):
-        checkpointer.save(step, {"trainable": trainable, "opt_state": opt_state, "rest": rest},
-                          {"step": step, "best_eval_loss": best, "epoch": step // per_epoch})
+        state = {"trainable": trainable, "opt_state": opt_state, "rng": nnx.split_state(rest, nnx.RngState, ...)[0]}
+        meta = {"step": step, **position_of(step), "best_eval_loss": None if math.isinf(best) else best,
+                "base": fingerprint}
+        checkpointer.save(step, state, meta)
 
     def run_eval(step):
         nonlocal best, eval_loss
@@ -228,7 +277,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
         checkpointer.close()
     print(file=sys.stderr)
 
-    nnx.update(model, trainable)
+    nnx.update(model, trainable, nnx.split_state(rest, nnx.RngState, ...)[0])
     if wrt is not nnx.Param:
         save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
     else:  # full fine-tuning: the whole model, as an HF checkpoint
@@ -238,6 +287,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     _plot(metrics_path, run_dir / "loss.png")
     summary = {
         "config": json.loads(json.dumps(config, default=lambda o: o.__dict__)),
+        "data": _data_summary(train_data, eval_data),
         "steps": checkpointer.latest_step(), "total_steps": total, "interrupted": bool(interrupted),
         "final_loss": last_loss, "final_eval_loss": eval_loss, "best_eval_loss": None if math.isinf(best) else best,
         "wall_seconds": time.time() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -246,4 +296,4 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     return summary
 
 
-__all__ = ["ModelPathError", "TrainingError", "resolve_model_path", "train"]
+__all__ = ["BaseModelMismatchError", "ModelPathError", "TrainingError", "data_position", "resolve_model_path", "train"]

@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny random Llama with SmolLM2's tokenizer: loss falls, files appear,
-the adapter loads in PEFT; SIGINT saves and exits; a NaN loss stops with the last checkpoint intact."""
+the adapter loads in PEFT; SIGINT saves and exits; a NaN loss stops with the last checkpoint intact;
+checkpoints hold what trains and refuse another base."""
 
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ def write_data(path: Path, n: int = 24):
             f.write(json.dumps({"instruction": f"Say the color {word}.", "output": f"Color: {word}."}) + "\n")
 
 
-def make_config(model_dir, tmp_path, **run):
+def make_config(model_dir, tmp_path, *, model=None, lora=None, data=None, **run):
     write_data(tmp_path / "train.jsonl")
     return config_from_dict({
-        "model": {"path": str(model_dir)},
-        "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-        "data": {"train_file": str(tmp_path / "train.jsonl"), "max_seq_length": 64, "eval_size": 4},
+        "model": {"path": str(model_dir), **(model or {})},
+        "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **(lora or {})},
+        "data": data or {"train_file": str(tmp_path / "train.jsonl"), "max_seq_length": 64, "eval_size": 4},
         "optim": {"learning_rate": 5e-2, "warmup_steps": 2, "lr_scheduler_type": "cosine"},
         "run": {"output_dir": str(tmp_path / "run"), "max_steps": 30, "batch_size": 4, "gradient_accumulation_steps": 2,
                 "eval_every": 10, "save_every": 10, "log_every": 5, **run},
@@ -145,3 +146,108 @@ def test_full_finetuning_writes_the_model(tiny_model_dir, tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").exists() and not (tmp_path / "run" / "adapter").exists()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def checkpoint_arrays(step_dir: Path) -> dict[tuple, tuple]:
+    """``{path: (shape, dtype)}`` of every array orbax wrote under ``step_dir/state`` (from its metadata)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    metadata = ocp.StandardCheckpointer().metadata(step_dir / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    leaves = jax.tree_util.tree_flatten_with_path(dict(tree), is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+    return {tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+            for path, leaf in leaves}
+
+
+def split_model(model):
+    """``(trainable, rng state, frozen)`` states of a PeftModel."""
+    from flax import nnx
+
+    _, trainable, rest = nnx.split(model, nnx.LoRAParam, ...)
+    rng, frozen = nnx.split_state(rest, nnx.RngState, ...)
+    return trainable, rng, frozen
+
+
+def test_checkpoints_hold_what_trains_and_resume_refuses_another_base(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A QLoRA run's checkpoint holds the LoRA weights, their AdamW moments, the dropout RNG and a base
+    fingerprint: no frozen weight (neither the 4-bit projections nor the float32 embedding and norms) is
+    written, handed to save/restore, or read back; a resume against a changed base raises naming both."""
+    import shutil
+
+    import jax
+    from safetensors.numpy import load_file, save_file
+
+    from jaxlora.train import trainer
+    from jaxlora.train.checkpointing import TrainCheckpointer
+    from jaxlora.train.fingerprint import BaseModelMismatchError, base_fingerprint, load_settings
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    nf4 = {"quantize": "nf4", "double_quant": True, "blocksize": 64}
+
+    def config_for(max_steps, **model):
+        return make_config(base, tmp_path, model={**nf4, **model}, lora={"lora_dropout": 0.1}, max_steps=max_steps,
+                           save_every=1, eval_every=100)
+
+    handed = []  # every leaf given to the checkpointer
+    for name in ("save", "restore"):
+        original = getattr(TrainCheckpointer, name)
+
+        def spy(self, step, tree, *rest, _original=original):
+            handed.extend(jax.tree.leaves(tree))
+            return _original(self, step, tree, *rest)
+
+        monkeypatch.setattr(TrainCheckpointer, name, spy)
+
+    config = config_for(2)
+    prepared = trainer.setup(config)
+    trainable, rng, frozen = split_model(prepared[0])
+    frozen_leaves = jax.tree.leaves(frozen)
+    frozen_bytes = sum(x.nbytes for x in frozen_leaves)
+    trainable_bytes = sum(x.nbytes for x in jax.tree.leaves(trainable))
+    assert any(x.dtype == np.uint8 for x in frozen_leaves)  # the 4-bit weights are among them
+    assert jax.tree.leaves(rng)  # dropout: its RNG state is checkpointed
+    trainer.train(config, prepared)
+    assert handed and not any(leaf is frozen_leaf for leaf in handed for frozen_leaf in frozen_leaves)
+
+    step_dir = tmp_path / "run" / "checkpoints" / "2"
+    arrays = checkpoint_arrays(step_dir)
+    assert {path[0] for path in arrays} == {"trainable", "opt_state", "rng"}
+    lora_paths = {path[1:] for path in arrays if path[0] == "trainable"}
+    assert lora_paths and all({"lora_A", "lora_B"} & set(path) for path in lora_paths)
+    assert len(lora_paths) == len(jax.tree.leaves(trainable))
+    array_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in arrays.values())
+    # the LoRA weights and two AdamW moments, plus a few scalars (step counts) and the dropout RNG keys/counters
+    assert 3 * trainable_bytes <= array_bytes <= 3 * trainable_bytes + 64 * len(jax.tree.leaves(rng)) + 1024
+    disk = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
+    assert disk < frozen_bytes / 4, (disk, frozen_bytes)
+    meta = TrainCheckpointer(tmp_path / "run" / "checkpoints").read_meta(2)
+    assert {k: meta[k] for k in ("step", "epoch", "start_step", "steps_per_epoch", "train_rows")} == {
+        "step": 2, "epoch": 0, "start_step": 2, "steps_per_epoch": 3, "train_rows": 20}
+    assert meta["base"] == json.loads(json.dumps(base_fingerprint(base, load_settings("float32", "nf4", True, 64))))
+
+    # Resuming reloads the base and restores only what trains (no frozen leaf is handed to restore).
+    handed.clear()
+    config = config_for(4)
+    prepared = trainer.setup(config)
+    frozen_leaves = jax.tree.leaves(split_model(prepared[0])[2])
+    assert trainer.train(config, prepared)["steps"] == 4
+    assert "resuming from step 2" in capsys.readouterr().err
+    assert handed and not any(leaf is frozen_leaf for leaf in handed for frozen_leaf in frozen_leaves)
+
+    # Another load setting: the frozen weights would differ.
+    with pytest.raises(BaseModelMismatchError, match=r'load\.quantize: recorded "nf4", now null') as caught:
+        trainer.train(config_for(6, quantize=None))
+    assert caught.value.recorded["load"]["quantize"] == "nf4" and caught.value.current["load"]["quantize"] is None
+    assert str(step_dir.parent / "4") in str(caught.value)
+    # A tensor rewritten in place: same names, shapes and dtypes, other values.
+    weights = load_file(str(base / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1.0
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BaseModelMismatchError) as caught:
+        trainer.train(config_for(6))
+    message = str(caught.value)
+    assert f"trained on the base model at {base}, but the base model at {base} differs" in message
+    assert "files[model.safetensors].tensors.model.norm.weight: recorded" in message
+    assert TrainCheckpointer(tmp_path / "run" / "checkpoints").latest_step() == 4
