@@ -8,14 +8,17 @@ gradients of the trainable parameters only, AdamW). Around it:
 - progress on stderr (step, loss, tokens/s, ETA) and metrics as JSON lines in ``metrics.jsonl``;
 - evaluation every ``run.eval_every`` steps (or each epoch): eval loss and perplexity; the adapter
   with the best eval loss is kept apart in ``best_adapter/`` (like load_best_model_at_end);
+- evaluation at the last step too (a run shorter than an epoch still gets its eval loss and best_adapter/);
 - orbax checkpoints every ``run.save_every`` steps holding what trains, not the model: trainable
   parameters, optimizer state, dropout RNG state, step and data position (a function of (seed, step),
   recorded too), best eval loss, and a fingerprint of the base model (`jaxlora.train.fingerprint`).
   An existing run directory resumes from its latest checkpoint: the base is loaded again from
   ``model.path`` and must match the fingerprint (`BaseModelMismatchError` otherwise), and a resumed run
   reproduces an uninterrupted one bit for bit;
-- SIGINT finishes the current step, saves a checkpoint and returns; a NaN/Inf loss stops the run with
-  `TrainingError` before anything is saved, so the last good checkpoint stays the latest;
+- SIGINT finishes the current step, saves a checkpoint and returns; a NaN/Inf loss or gradient stops
+  the run with `TrainingError` before anything is saved, so the last good checkpoint stays the latest;
+- however the loop ends (an error, KeyboardInterrupt), the model it was given holds the last good
+  trainable values (the donated step inputs are never left behind in it);
 - at the end: the PEFT adapter in ``adapter/`` (full fine-tuning: the HF checkpoint in ``model/``),
   ``summary.json`` and ``loss.png``.
 
@@ -38,6 +41,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxlora.atomic import atomic_write_json
@@ -137,6 +143,22 @@ def _plot(metrics_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def skip_nonfinite_updates(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner``, except that a step whose gradients are not all finite changes nothing.
+
+    Such a step returns zero updates and the optimizer state it was given, so the parameters it
+    returns are its inputs. The jitted step donates those inputs; the trainer stops at a non-finite
+    step, and this is what lets it hand back the last good values without keeping a copy of them.
+    """
+
+    def update(grads, state, params=None):
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        return jax.lax.cond(finite, lambda: inner.update(grads, state, params),
+                            lambda: (jax.tree.map(jnp.zeros_like, grads), state))
+
+    return optax.GradientTransformation(inner.init, update)
+
+
 def data_position(step: int, steps_per_epoch: int, rows_per_step: int, train_rows: int) -> dict[str, int]:
     """Where in the data step ``step`` starts: ``batches(..., epoch=epoch, start_step=start_step)``."""
     return {"epoch": step // steps_per_epoch, "start_step": step % steps_per_epoch,
@@ -175,7 +197,8 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     """Run (or resume) the training described by ``config``; returns the run summary.
 
     `prepared` is what `setup(config)` returns, for a caller that already holds the model (it is
-    trained in place: afterwards it carries the trained adapter).
+    trained in place: afterwards it carries the trained adapter; if training raises, the adapter
+    values of the last good step).
     """
     from torch_bridge import save_peft_adapter
 
@@ -185,7 +208,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     rows_per_step = config.run.batch_size * config.run.gradient_accumulation_steps
     per_epoch = steps_per_epoch(train_data, rows_per_step)
     total = config.run.max_steps if config.run.max_steps > 0 else math.ceil(config.run.num_epochs * per_epoch)
-    tx = make_optimizer(config.optim, total)
+    tx = skip_nonfinite_updates(make_optimizer(config.optim, total))
     schedule = learning_rate_schedule(config.optim, total)
 
     def position_of(step):
@@ -250,9 +273,10 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
                 batch = next(iterator)
                 micro = {k: v.reshape(config.run.gradient_accumulation_steps, config.run.batch_size, -1) for k, v in batch.items()}
                 trainable, rest, opt_state, metrics = step_fn(trainable, rest, opt_state, micro)
-                last_loss = float(metrics["loss"])
-                if not math.isfinite(last_loss):
-                    raise TrainingError(f"loss is {last_loss} at step {step + 1}; stopping. The latest checkpoint "
+                last_loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
+                    raise TrainingError(f"loss is {last_loss} (gradient norm {grad_norm}) at step {step + 1}; stopping "
+                                        f"(a step with non-finite gradients changes nothing). The latest checkpoint "
                                         f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact.")
                 tokens_seen += float(metrics["tokens"])
                 done = step + 1
@@ -260,12 +284,13 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
                 eta = (total - done) * (time.time() - t0) / max(done - start, 1)
                 print(f"\rstep {done}/{total}  loss {last_loss:.4f}  {rate:,.0f} tok/s  ETA {eta:,.0f}s", end="", file=sys.stderr)
                 if done % config.run.log_every == 0 or done == total:
-                    log.write(json.dumps({"step": done, "epoch": epoch, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
+                    log.write(json.dumps({"step": done, "epoch": epoch, "loss": last_loss, "grad_norm": grad_norm,
                                           "learning_rate": float(schedule(step)),
                                           "tokens_per_second": rate}) + "\n")
                     log.flush()
                 epoch_end = done % per_epoch == 0
-                if (config.run.eval_every and done % config.run.eval_every == 0) or (not config.run.eval_every and epoch_end):
+                eval_due = (done % config.run.eval_every == 0) if config.run.eval_every else epoch_end
+                if eval_due or done == total:  # the last step always evaluates (a run shorter than eval_every too)
                     run_eval(done)
                 if done % config.run.save_every == 0 or done == total or interrupted:
                     save(done)
@@ -275,9 +300,16 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         checkpointer.close()
+        # The step donates `trainable` and `opt_state`: from the first step on, the model's own trainable
+        # arrays are deleted and `trainable` holds the live values. However the loop ends (done, an error,
+        # KeyboardInterrupt), those values go back into the model, so a caller's `prepared` model stays
+        # usable. A non-finite step returns its inputs (`skip_nonfinite_updates`), so after a NaN stop
+        # these are the last good values. Copying the model's arrays before the first step instead would
+        # keep a second copy of every trainable parameter for the whole run (all weights with full
+        # fine-tuning). Not covered: XLA failing while it executes a step whose inputs it already took.
+        nnx.update(model, trainable, nnx.split_state(rest, nnx.RngState, ...)[0])
     print(file=sys.stderr)
 
-    nnx.update(model, trainable, nnx.split_state(rest, nnx.RngState, ...)[0])
     if wrt is not nnx.Param:
         save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
     else:  # full fine-tuning: the whole model, as an HF checkpoint
@@ -296,4 +328,5 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     return summary
 
 
-__all__ = ["BaseModelMismatchError", "ModelPathError", "TrainingError", "data_position", "resolve_model_path", "train"]
+__all__ = ["BaseModelMismatchError", "ModelPathError", "TrainingError", "data_position", "resolve_model_path",
+           "skip_nonfinite_updates", "train"]

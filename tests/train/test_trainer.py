@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny random Llama with SmolLM2's tokenizer: loss falls, files appear,
 the adapter loads in PEFT; SIGINT saves and exits; a NaN loss stops with the last checkpoint intact;
-checkpoints hold what trains and refuse another base."""
+checkpoints hold what trains and refuse another base; a run shorter than an epoch evaluates at its end;
+a failed run leaves the model it was given usable, with the last good adapter values."""
 
 from __future__ import annotations
 
@@ -144,8 +145,10 @@ def test_full_finetuning_writes_the_model(tiny_model_dir, tmp_path):
     summary = train(make_config(tiny_model_dir, tmp_path, max_steps=6, full_finetune=True, eval_every=100))
     assert summary["steps"] == 6
     assert (tmp_path / "run" / "model" / "model.safetensors").exists() and not (tmp_path / "run" / "adapter").exists()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    losses = _losses_by_step(tmp_path / "run")  # logged every 5 steps and at the last
+    assert sorted(losses) == [5, 6] and losses[6] < losses[5]
+    assert summary["final_eval_loss"] is not None  # evaluated at the last step
+    assert not (tmp_path / "run" / "best_adapter").exists()  # a full fine-tune has no adapter to keep apart
 
 
 def checkpoint_arrays(step_dir: Path) -> dict[tuple, tuple]:
@@ -251,3 +254,88 @@ def test_checkpoints_hold_what_trains_and_resume_refuses_another_base(tiny_model
     assert f"trained on the base model at {base}, but the base model at {base} differs" in message
     assert "files[model.safetensors].tensors.model.norm.weight: recorded" in message
     assert TrainCheckpointer(tmp_path / "run" / "checkpoints").latest_step() == 4
+
+
+def test_a_run_shorter_than_an_epoch_evaluates_at_its_end_on_the_whole_eval_file(tiny_model_dir, tmp_path, capsys):
+    """eval_file: the whole file is the eval set and train_file is not split; the run (2 steps of a
+    3-step epoch, eval once per epoch) still evaluates at its last step and writes best_adapter/."""
+    write_data(tmp_path / "eval.jsonl", n=6)
+    data = {"train_file": str(tmp_path / "train.jsonl"), "eval_file": str(tmp_path / "eval.jsonl"), "max_seq_length": 64}
+    summary = train(make_config(tiny_model_dir, tmp_path, data=data, max_steps=2, eval_every=0, save_every=100))
+    run = tmp_path / "run"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [row["step"] for row in evals] == [2]
+    assert summary["best_eval_loss"] == summary["final_eval_loss"] == evals[0]["eval_loss"]
+    assert (run / "best_adapter" / "adapter_model.safetensors").exists()
+    assert summary["data"]["train_file"]["records"] == 24 and summary["data"]["train_file"]["held_out"] == 0
+    assert summary["data"]["train_file"]["examples"] == {"train": 24}
+    assert summary["data"]["eval_file"]["path"] == str(tmp_path / "eval.jsonl")
+    assert summary["data"]["eval_file"]["examples"] == {"eval": 6} and summary["data"]["eval_rows"] == 6
+    err = capsys.readouterr().err
+    assert f"training data: 24 records -> 24 train examples in 24 rows; {tmp_path / 'train.jsonl'}" in err
+    assert f"eval data: 6 records -> 6 eval examples in 6 rows; {tmp_path / 'eval.jsonl'}" in err
+
+
+@pytest.mark.parametrize("failure", ["nan_loss", "bad_batch", "keyboard_interrupt"])
+def test_a_failed_run_leaves_the_model_usable_with_the_last_good_adapter(tiny_model_dir, tmp_path, monkeypatch, failure):
+    """train() donates the trainable arrays to the jitted step; whatever stops it at step 4 (a NaN loss,
+    an exception from a bad batch, KeyboardInterrupt), the model it was handed holds live arrays with the
+    values the last good step returned, and runs."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlora.train import trainer
+
+    config = make_config(tiny_model_dir, tmp_path, max_steps=6, save_every=100, eval_every=100)
+    prepared = trainer.setup(config)
+    model = prepared[0]
+    returned = []  # (loss, numpy copy of the trainable values) of every step
+
+    real_make_train_step = trainer.make_train_step
+
+    def spying_make_train_step(*args, **kwargs):
+        step = real_make_train_step(*args, **kwargs)
+
+        def call(trainable, rest, opt_state, micro):
+            if failure == "nan_loss" and len(returned) == 3:  # NaN norms and embeddings: a NaN loss and gradients
+                rest = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest)
+            out = step(trainable, rest, opt_state, micro)
+            returned.append((float(out[3]["loss"]), jax.tree.map(np.array, out[0])))
+            return out
+
+        return call
+
+    real_batches = trainer.batches
+    served = []
+
+    def failing_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            if len(served) == 3 and failure == "bad_batch":
+                batch = {k: v for k, v in batch.items() if k != "labels"}
+            if len(served) == 3 and failure == "keyboard_interrupt":
+                raise KeyboardInterrupt
+            served.append(1)
+            yield batch
+
+    monkeypatch.setattr(trainer, "make_train_step", spying_make_train_step)
+    monkeypatch.setattr(trainer, "batches", failing_batches)
+    expected = {"nan_loss": (TrainingError, "loss is nan"), "bad_batch": (KeyError, "labels"),
+                "keyboard_interrupt": (KeyboardInterrupt, None)}[failure]
+    with pytest.raises(expected[0], match=expected[1]):
+        trainer.train(config, prepared)
+
+    assert len(returned) == (4 if failure == "nan_loss" else 3)
+    assert all(np.isfinite(loss) for loss, _ in returned[:3])
+    last_good = returned[2][1]
+    if failure == "nan_loss":  # the NaN step changed nothing: it returned the last good values again
+        assert np.isnan(returned[3][0])
+        jax.tree.map(np.testing.assert_array_equal, returned[3][1], last_good)
+    trainable = split_model(model)[0]
+    leaves = jax.tree.leaves(trainable)
+    assert not any(x.is_deleted() for x in leaves)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trainable), last_good)
+    assert any(np.abs(x).max() > 0 for path, x in jax.tree_util.tree_flatten_with_path(last_good)[0]
+               if "lora_B" in jax.tree_util.keystr(path))  # trained values (lora_B starts at zero)
+    ids = jnp.asarray(np.arange(1, 17, dtype=np.int32)[None, :])
+    logits = model(ids, jnp.ones_like(ids))
+    assert logits.shape == (1, 16, 49152) and bool(jnp.all(jnp.isfinite(logits)))
