@@ -31,13 +31,13 @@ def write_data(path: Path, n: int = 24):
             f.write(json.dumps({"instruction": f"Say the color {word}.", "output": f"Color: {word}."}) + "\n")
 
 
-def make_config(model_dir, tmp_path, *, model=None, lora=None, data=None, **run):
+def make_config(model_dir, tmp_path, *, model=None, lora=None, data=None, optim=None, **run):
     write_data(tmp_path / "train.jsonl")
     return config_from_dict({
         "model": {"path": str(model_dir), **(model or {})},
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **(lora or {})},
         "data": data or {"train_file": str(tmp_path / "train.jsonl"), "max_seq_length": 64, "eval_size": 4},
-        "optim": {"learning_rate": 5e-2, "warmup_steps": 2, "lr_scheduler_type": "cosine"},
+        "optim": {"learning_rate": 5e-2, "warmup_steps": 2, "lr_scheduler_type": "cosine", **(optim or {})},
         "run": {"output_dir": str(tmp_path / "run"), "max_steps": 30, "batch_size": 4, "gradient_accumulation_steps": 2,
                 "eval_every": 10, "save_every": 10, "log_every": 5, **run},
     })
@@ -175,7 +175,8 @@ def split_model(model):
 def test_checkpoints_hold_what_trains_and_resume_refuses_another_base(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """A QLoRA run's checkpoint holds the LoRA weights, their AdamW moments, the dropout RNG and a base
     fingerprint: no frozen weight (neither the 4-bit projections nor the float32 embedding and norms) is
-    written, handed to save/restore, or read back; a resume against a changed base raises naming both."""
+    written, handed to save/restore, or read back; the AdamW moments, kept in pinned_host memory, are
+    restored there; a resume against a changed base raises naming both."""
     import shutil
 
     import jax
@@ -190,16 +191,18 @@ def test_checkpoints_hold_what_trains_and_resume_refuses_another_base(tiny_model
     nf4 = {"quantize": "nf4", "double_quant": True, "blocksize": 64}
 
     def config_for(max_steps, **model):
-        return make_config(base, tmp_path, model={**nf4, **model}, lora={"lora_dropout": 0.1}, max_steps=max_steps,
-                           save_every=1, eval_every=100)
+        return make_config(base, tmp_path, model={**nf4, **model}, lora={"lora_dropout": 0.1},
+                           optim={"offload_optimizer_state": True}, max_steps=max_steps, save_every=1, eval_every=100)
 
-    handed = []  # every leaf given to the checkpointer
+    handed, restored = [], []  # every leaf given to the checkpointer; what restore returned
     for name in ("save", "restore"):
         original = getattr(TrainCheckpointer, name)
 
         def spy(self, step, tree, *rest, _original=original):
             handed.extend(jax.tree.leaves(tree))
-            return _original(self, step, tree, *rest)
+            out = _original(self, step, tree, *rest)
+            restored.append(out)
+            return out
 
         monkeypatch.setattr(TrainCheckpointer, name, spy)
 
@@ -238,7 +241,15 @@ def test_checkpoints_hold_what_trains_and_resume_refuses_another_base(tiny_model
     assert trainer.train(config, prepared)["steps"] == 4
     assert "resuming from step 2" in capsys.readouterr().err
     assert handed and not any(leaf is frozen_leaf for leaf in handed for frozen_leaf in frozen_leaves)
+    (state, meta), = [out for out in restored if out is not None]
+    assert meta["step"] == 2 and {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state["opt_state"])} == {"pinned_host"}
 
+    # Other training data: step 4 would start elsewhere in it.
+    config = config_for(6)
+    write_data(tmp_path / "train.jsonl", n=40)
+    with pytest.raises(TrainingError, match=r"recorded data position .*'train_rows': 20.* at .*'train_rows': 36"):
+        trainer.train(config)
+    write_data(tmp_path / "train.jsonl")
     # Another load setting: the frozen weights would differ.
     with pytest.raises(BaseModelMismatchError, match=r'load\.quantize: recorded "nf4", now null') as caught:
         trainer.train(config_for(6, quantize=None))
@@ -254,6 +265,19 @@ def test_checkpoints_hold_what_trains_and_resume_refuses_another_base(tiny_model
     assert f"trained on the base model at {base}, but the base model at {base} differs" in message
     assert "files[model.safetensors].tensors.model.norm.weight: recorded" in message
     assert TrainCheckpointer(tmp_path / "run" / "checkpoints").latest_step() == 4
+
+
+def test_a_checkpoint_without_a_base_fingerprint_is_refused(tiny_model_dir, tmp_path):
+    """A checkpoint of an earlier jaxlora (the whole model, no fingerprint) cannot be checked: refused, untouched."""
+    from jaxlora.train.checkpointing import TrainCheckpointer
+
+    config = make_config(tiny_model_dir, tmp_path, max_steps=2)
+    old = TrainCheckpointer(tmp_path / "run" / "checkpoints")
+    old.save(1, {"trainable": {"w": np.zeros(3, np.float32)}, "rest": {"w": np.ones(3, np.float32)}}, {"step": 1})
+    old.close()
+    with pytest.raises(TrainingError, match=r"checkpoints/1: no base model fingerprint .* start a new run.output_dir"):
+        train(config)
+    assert TrainCheckpointer(tmp_path / "run" / "checkpoints").all_steps() == [1]
 
 
 def test_a_run_shorter_than_an_epoch_evaluates_at_its_end_on_the_whole_eval_file(tiny_model_dir, tmp_path, capsys):
@@ -339,3 +363,25 @@ def test_a_failed_run_leaves_the_model_usable_with_the_last_good_adapter(tiny_mo
     ids = jnp.asarray(np.arange(1, 17, dtype=np.int32)[None, :])
     logits = model(ids, jnp.ones_like(ids))
     assert logits.shape == (1, 16, 49152) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_skip_nonfinite_updates_changes_nothing_on_a_nonfinite_gradient():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxlora.train.trainer import skip_nonfinite_updates
+
+    inner = optax.adamw(0.1, weight_decay=0.01)
+    guarded = skip_nonfinite_updates(inner)
+    params = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([[0.5]])}
+    state, reference_state = guarded.init(params), inner.init(params)
+    grads = {"a": jnp.array([0.1, 0.2, -0.3]), "b": jnp.array([[1.0]])}
+    updates, state = jax.jit(guarded.update)(grads, state, params)
+    expected_updates, reference_state = jax.jit(inner.update)(grads, reference_state, params)
+    jax.tree.map(np.testing.assert_array_equal, (updates, state), (expected_updates, reference_state))  # bit for bit
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        poisoned = {"a": grads["a"].at[1].set(bad), "b": grads["b"]}
+        skipped, kept = jax.jit(guarded.update)(poisoned, state, params)
+        jax.tree.map(np.testing.assert_array_equal, kept, state)
+        assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(skipped))
