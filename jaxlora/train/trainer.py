@@ -13,8 +13,9 @@ gradients of the trainable parameters only, AdamW). Around it:
   parameters, optimizer state, dropout RNG state, step and data position (a function of (seed, step),
   recorded too), best eval loss, and a fingerprint of the base model (`jaxlora.train.fingerprint`).
   An existing run directory resumes from its latest checkpoint: the base is loaded again from
-  ``model.path`` and must match the fingerprint (`BaseModelMismatchError` otherwise), and a resumed run
-  reproduces an uninterrupted one bit for bit;
+  ``model.path`` and must match the fingerprint (`BaseModelMismatchError` otherwise), the data must
+  put the step at the recorded position (`TrainingError` otherwise), and a resumed run reproduces an
+  uninterrupted one bit for bit;
 - SIGINT finishes the current step, saves a checkpoint and returns; a NaN/Inf loss or gradient stops
   the run with `TrainingError` before anything is saved, so the last good checkpoint stays the latest;
 - however the loop ends (an error, KeyboardInterrupt), the model it was given holds the last good
@@ -162,10 +163,11 @@ def skip_nonfinite_updates(inner: optax.GradientTransformation) -> optax.Gradien
     return optax.GradientTransformation(inner.init, update)
 
 
-def data_position(step: int, steps_per_epoch: int, rows_per_step: int, train_rows: int) -> dict[str, int]:
-    """Where in the data step ``step`` starts: ``batches(..., epoch=epoch, start_step=start_step)``."""
-    return {"epoch": step // steps_per_epoch, "start_step": step % steps_per_epoch,
-            "steps_per_epoch": steps_per_epoch, "rows_per_step": rows_per_step, "train_rows": train_rows}
+def data_position(step: int, steps_per_epoch: int, rows_per_step: int, train_rows: int, seed: int) -> dict[str, int]:
+    """Where in the data step ``step`` starts: ``batches(rows, rows_per_step, seed=seed, epoch=epoch,
+    start_step=start_step)``, with what that depends on (the row order is a function of seed and epoch)."""
+    return {"epoch": step // steps_per_epoch, "start_step": step % steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+            "rows_per_step": rows_per_step, "train_rows": train_rows, "data_seed": seed}
 
 
 def _restore(checkpointer: TrainCheckpointer, like: dict, fingerprint: dict, position_of) -> tuple[dict, dict]:
@@ -182,8 +184,8 @@ def _restore(checkpointer: TrainCheckpointer, like: dict, fingerprint: dict, pos
     if recorded != position:
         raise TrainingError(f"{where}: recorded data position {recorded}, but with the current training data and batch "
                             f"settings step {step} is at {position}: resuming would skip or repeat records. Use the "
-                            f"data and run.batch_size / gradient_accumulation_steps of the checkpoint, or start a new "
-                            f"run.output_dir")
+                            f"data, data.seed and run.batch_size / gradient_accumulation_steps of the checkpoint, or "
+                            f"start a new run.output_dir")
     return checkpointer.restore(step, like)
 
 
@@ -215,7 +217,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     schedule = learning_rate_schedule(config.optim, total)
 
     def position_of(step):
-        return data_position(step, per_epoch, rows_per_step, len(train_data))
+        return data_position(step, per_epoch, rows_per_step, len(train_data), config.data.seed)
 
     model.eval()
     eval_graphdef = nnx.split(model, wrt, ...)[0]

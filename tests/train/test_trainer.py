@@ -229,8 +229,9 @@ def test_checkpoints_hold_what_trains_and_resume_refuses_another_base(tiny_model
     disk = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
     assert disk < frozen_bytes / 4, (disk, frozen_bytes)
     meta = TrainCheckpointer(tmp_path / "run" / "checkpoints").read_meta(2)
-    assert {k: meta[k] for k in ("step", "epoch", "start_step", "steps_per_epoch", "train_rows")} == {
-        "step": 2, "epoch": 0, "start_step": 2, "steps_per_epoch": 3, "train_rows": 20}
+    assert {k: meta[k] for k in ("step", "epoch", "start_step", "steps_per_epoch", "rows_per_step", "train_rows",
+                                 "data_seed")} == {"step": 2, "epoch": 0, "start_step": 2, "steps_per_epoch": 3,
+                                                   "rows_per_step": 8, "train_rows": 20, "data_seed": 0}
     assert meta["base"] == json.loads(json.dumps(base_fingerprint(base, load_settings("float32", "nf4", True, 64))))
 
     # Resuming reloads the base and restores only what trains (no frozen leaf is handed to restore).
