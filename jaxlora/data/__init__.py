@@ -5,13 +5,15 @@ from jaxlora.data.sft import (
     IGNORE_INDEX,
     DataConfig,
     DataError,
+    DataReport,
     SFTDataset,
     SkipReport,
     batches,
+    load_eval_data,
     load_sft_data,
     steps_per_epoch,
 )
 from jaxlora.data.templates import SFTTokenizer, TemplateError
 
-__all__ = ["IGNORE_INDEX", "DataConfig", "DataError", "SFTDataset", "SFTTokenizer", "SkipReport", "TemplateError",
-           "batches", "load_sft_data", "steps_per_epoch"]
+__all__ = ["IGNORE_INDEX", "DataConfig", "DataError", "DataReport", "SFTDataset", "SFTTokenizer", "SkipReport",
+           "TemplateError", "batches", "load_eval_data", "load_sft_data", "steps_per_epoch"]

@@ -5,7 +5,8 @@ The pipeline, one pure step each (numpy, ``tokenizers`` and ``jinja2``; no jax, 
     read_jsonl -> split_eval -> record_to_messages -> render_messages (templates.py)
         -> SFTTokenizer.encode -> fit_length -> build_rows (padding or packing) -> batches
 
-`load_sft_data` runs it from a `DataConfig`. Records are one JSON object per line, in one of three
+`load_sft_data` runs it from a `DataConfig` (`load_eval_data` for a separate evaluation file, used
+whole); its `DataReport` says where every record went. Records are one JSON object per line, in one of three
 shapes (detected per record in this order, or forced with ``format=``):
 
 - chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
@@ -93,6 +94,38 @@ class SkipReport:
         if self.truncated:
             parts.append(f"{self.truncated} truncated (lines {self.first_lines['truncated']}...)")
         return f"{self.path}: " + ("; ".join(parts) if parts else "nothing skipped or truncated")
+
+
+@dataclasses.dataclass
+class DataReport(SkipReport):
+    """A file's `SkipReport` plus where its records went (`load_sft_data`, `load_eval_data`).
+
+    ``records = held_out + (records left for training)``; each part's records either become examples
+    or are counted in ``skipped`` (reasons other than the line-level "invalid_json" / "not_object").
+    """
+
+    records: int = 0
+    """Records read (JSON objects; lines that are not records are counted in `skipped`)."""
+    held_out: int = 0
+    """Records held out of this file for evaluation (eval_fraction / eval_size; all of an eval file)."""
+    examples: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Part ("train" / "eval") -> examples kept after tokenizing and the overlong policy."""
+    rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Part -> rows of max_seq_length (several examples per row with packing)."""
+
+    @classmethod
+    def of(cls, skips: SkipReport) -> DataReport:
+        return cls(**{f.name: getattr(skips, f.name) for f in dataclasses.fields(SkipReport)})
+
+    def as_dict(self) -> dict:
+        """JSON-ready: path, records, held_out, examples, rows, skipped, truncated, blank_lines, first_lines."""
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{self.examples.get(part, 0)} {part} examples in {self.rows.get(part, 0)} rows"
+                          for part in ("train", "eval") if part in self.examples)
+        split = f" ({self.held_out} held out for evaluation)" if self.held_out and "train" in self.examples else ""
+        return f"{self.records} records{split} -> {parts}; " + super().__str__()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +389,8 @@ class SFTDataset:
     position_ids: np.ndarray
     segment_ids: np.ndarray
     pad_id: int
+    report: DataReport | None = dataclasses.field(default=None, compare=False, repr=False)
+    """Where the rows came from (set by `load_sft_data` / `load_eval_data`)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -433,18 +468,46 @@ def batches(dataset: SFTDataset, batch_size: int, *, seed: int, epoch: int, star
         yield {name: np.concatenate([getattr(dataset, name)[rows], empty[name]]) for name in ROW_FIELDS}
 
 
-def load_sft_data(path, tokenizer: SFTTokenizer, config: DataConfig = DataConfig()):
-    """Read `path`, hold out the eval records, tokenize both parts and lay them out in rows.
+def _build_part(records, tokenizer: SFTTokenizer, config: DataConfig, report: DataReport, part: str):
+    """Tokenize and lay out one part's records; its counts go to `report`. Raises if no example is left."""
+    examples = tokenize_records(records, tokenizer, config, report)
+    if not examples:
+        what = "training" if part == "train" else "evaluation"
+        raise DataError(f"no {what} example left of {len(records)} records ({report})", reason="empty",
+                        path=report.path)
+    dataset = build_rows(examples, config.max_seq_length, tokenizer.pad_id, packing=config.packing)
+    report.examples[part], report.rows[part] = len(examples), len(dataset)
+    return dataclasses.replace(dataset, report=report)
 
-    Returns ``(train: SFTDataset, eval: SFTDataset | None, report: SkipReport)``.
+
+def load_sft_data(path, tokenizer: SFTTokenizer, config: DataConfig = DataConfig()):
+    """Read `path`, hold out the eval records (eval_fraction / eval_size), tokenize both parts and lay
+    them out in rows.
+
+    Returns ``(train: SFTDataset, eval: SFTDataset | None, report: DataReport)``; eval is None when
+    nothing is held out. Every record is accounted for in the report: held out, trained on, or skipped
+    (per reason). A part left without any example raises `DataError`.
     """
-    records, report = read_jsonl(path, on_error=config.on_error)
+    records, skips = read_jsonl(path, on_error=config.on_error)
+    report = DataReport.of(skips)
     train_records, eval_records = split_eval(records, eval_fraction=config.eval_fraction,
                                              eval_size=config.eval_size, seed=config.split_seed)
-    datasets = []
-    for part in (train_records, eval_records):
-        examples = tokenize_records(part, tokenizer, config, report)
-        datasets.append(build_rows(examples, config.max_seq_length, tokenizer.pad_id, packing=config.packing))
-    if not len(datasets[0]):
-        raise DataError(f"no training example left ({report})", reason="empty", path=path)
-    return datasets[0], (datasets[1] if eval_records else None), report
+    report.records, report.held_out = len(records), len(eval_records)
+    train = _build_part(train_records, tokenizer, config, report, "train")
+    held = _build_part(eval_records, tokenizer, config, report, "eval") if eval_records else None
+    return train, held, report
+
+
+def load_eval_data(path, tokenizer: SFTTokenizer, config: DataConfig = DataConfig()):
+    """Read an evaluation file: all of its records are the eval set (nothing is split off).
+
+    Returns ``(eval: SFTDataset, report: DataReport)``. ``config``'s eval_fraction / eval_size must be
+    unset (a split of an eval file is ambiguous: ValueError naming both).
+    """
+    if config.eval_fraction or config.eval_size is not None:
+        raise ValueError(f"{path}: an evaluation file is used whole; eval_fraction={config.eval_fraction} / "
+                         f"eval_size={config.eval_size} would split it (they split the training file instead)")
+    records, skips = read_jsonl(path, on_error=config.on_error)
+    report = DataReport.of(skips)
+    report.records = report.held_out = len(records)
+    return _build_part(records, tokenizer, config, report, "eval"), report

@@ -6,7 +6,8 @@ config tree (`config`) and the recipe (`trainer`).
 """
 
 from jaxlora.train.config import TrainConfig, TrainConfigError, load_config
+from jaxlora.train.fingerprint import BaseModelMismatchError
 from jaxlora.train.trainer import ModelPathError, TrainingError, resolve_model_path, setup, train
 
-__all__ = ["ModelPathError", "TrainConfig", "TrainConfigError", "TrainingError", "load_config", "resolve_model_path",
-           "setup", "train"]
+__all__ = ["BaseModelMismatchError", "ModelPathError", "TrainConfig", "TrainConfigError", "TrainingError", "load_config",
+           "resolve_model_path", "setup", "train"]

@@ -69,9 +69,21 @@ class DataSection(PipelineConfig):
     train_file: str = ""
     """JSONL training data (Alpaca, chat "messages", or "text" records)."""
     eval_file: str | None = None
-    """JSONL evaluation data; if None, eval_fraction / eval_size of the training records are held out."""
+    """JSONL evaluation data, used whole (train_file is then not split: setting eval_fraction or eval_size too is
+    an error); if None, eval_fraction / eval_size of the training records are held out."""
     seed: int = 0
     """Shuffling seed for the training batches."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_file:
+            split = ([f"data.eval_fraction = {self.eval_fraction}"] if self.eval_fraction else []) + (
+                [f"data.eval_size = {self.eval_size}"] if self.eval_size is not None else [])
+            if split:
+                raise TrainConfigError(
+                    f"data.eval_file = {self.eval_file!r} and {' and '.join(split)} are both set: with an eval_file "
+                    f"the whole file is the eval set and train_file is not split; eval_fraction / eval_size hold out "
+                    f"part of train_file when there is no eval_file. Remove one of them.")
 
     def pipeline(self) -> PipelineConfig:
         """The `jaxlora.data.sft.DataConfig` part."""

@@ -8,11 +8,18 @@ gradients of the trainable parameters only, AdamW). Around it:
 - progress on stderr (step, loss, tokens/s, ETA) and metrics as JSON lines in ``metrics.jsonl``;
 - evaluation every ``run.eval_every`` steps (or each epoch): eval loss and perplexity; the adapter
   with the best eval loss is kept apart in ``best_adapter/`` (like load_best_model_at_end);
-- orbax checkpoints every ``run.save_every`` steps (trainable parameters, optimizer state, dropout
-  RNG, step; the data position is a function of (seed, step)); an existing run directory resumes
-  from its latest checkpoint, and a resumed run reproduces an uninterrupted one bit for bit;
-- SIGINT finishes the current step, saves a checkpoint and returns; a NaN/Inf loss stops the run with
-  `TrainingError` before anything is saved, so the last good checkpoint stays the latest;
+- evaluation at the last step too (a run shorter than an epoch still gets its eval loss and best_adapter/);
+- orbax checkpoints every ``run.save_every`` steps holding what trains, not the model: trainable
+  parameters, optimizer state, dropout RNG state, step and data position (a function of (seed, step),
+  recorded too), best eval loss, and a fingerprint of the base model (`jaxlora.train.fingerprint`).
+  An existing run directory resumes from its latest checkpoint: the base is loaded again from
+  ``model.path`` and must match the fingerprint (`BaseModelMismatchError` otherwise), the data must
+  put the step at the recorded position (`TrainingError` otherwise), and a resumed run reproduces an
+  uninterrupted one bit for bit;
+- SIGINT finishes the current step, saves a checkpoint and returns; a NaN/Inf loss or gradient stops
+  the run with `TrainingError` before anything is saved, so the last good checkpoint stays the latest;
+- however the loop ends (an error, KeyboardInterrupt), the model it was given holds the last good
+  trainable values (the donated step inputs are never left behind in it);
 - at the end: the PEFT adapter in ``adapter/`` (full fine-tuning: the HF checkpoint in ``model/``),
   ``summary.json`` and ``loss.png``.
 
@@ -35,13 +42,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxlora.atomic import atomic_write_json
+from jaxlora.data.sft import SFTTokenizer, batches, load_eval_data, load_sft_data, steps_per_epoch
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
-from jaxlora.data.sft import SFTTokenizer, batches, load_sft_data, steps_per_epoch
+from jaxlora.train.fingerprint import BaseModelMismatchError, base_fingerprint, check_fingerprint, load_settings
 from jaxlora.train.optim import learning_rate_schedule, make_optimizer, to_memory
 from jaxlora.train.step import evaluate_loss, make_eval_step, make_train_step
 
@@ -89,11 +100,14 @@ def setup(config: TrainConfig):
 
     model_dir = resolve_model_path(config.model.path)
     tokenizer = SFTTokenizer(model_dir)
+    # With an eval_file, train_file is not split (DataSection refuses eval_fraction / eval_size beside it).
     train_data, eval_data, report = load_sft_data(config.data.train_file, tokenizer, config.data.pipeline())
+    print(f"training data: {report}", file=sys.stderr)
     if config.data.eval_file:
-        eval_data, _, eval_report = load_sft_data(config.data.eval_file, tokenizer, config.data.pipeline())
+        eval_data, eval_report = load_eval_data(config.data.eval_file, tokenizer, config.data.pipeline())
         print(f"eval data: {eval_report}", file=sys.stderr)
-    print(f"training data: {len(train_data)} rows; {report}", file=sys.stderr)
+    elif eval_data is not None:
+        print(f"eval data: the {report.held_out} records held out of {report.path}", file=sys.stderr)
     model = load_llama(model_dir, dtype=config.model.dtype, quantize=config.model.quantize,
                        double_quant=config.model.double_quant, blocksize=config.model.blocksize,
                        compute_dtype=config.model.compute_dtype)
@@ -130,11 +144,66 @@ def _plot(metrics_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def skip_nonfinite_updates(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner``, except that a step whose gradients are not all finite changes nothing.
+
+    Such a step returns zero updates and the optimizer state it was given, so the parameters it
+    returns are its inputs. The jitted step donates those inputs; the trainer stops at a non-finite
+    step, and this is what lets it hand back the last good values without keeping a copy of them.
+    A select rather than ``lax.cond``: the update is elementwise and fuses with it, and no branch
+    on a device value is needed; a finite step's results are ``inner``'s values unchanged.
+    """
+
+    def update(grads, state, params=None):
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, new_state = inner.update(grads, state, params)
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        return updates, jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+def data_position(step: int, steps_per_epoch: int, rows_per_step: int, train_rows: int, seed: int) -> dict[str, int]:
+    """Where in the data step ``step`` starts: ``batches(rows, rows_per_step, seed=seed, epoch=epoch,
+    start_step=start_step)``, with what that depends on (the row order is a function of seed and epoch)."""
+    return {"epoch": step // steps_per_epoch, "start_step": step % steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+            "rows_per_step": rows_per_step, "train_rows": train_rows, "data_seed": seed}
+
+
+def _restore(checkpointer: TrainCheckpointer, like: dict, fingerprint: dict, position_of) -> tuple[dict, dict]:
+    """The latest checkpoint's state and meta, after checking its base fingerprint and data position."""
+    step = checkpointer.latest_step()
+    where = str(checkpointer.directory / str(step))
+    meta = checkpointer.read_meta(step)
+    if "base" not in meta:
+        raise TrainingError(f"{where}: no base model fingerprint (a checkpoint of an earlier jaxlora, which held the "
+                            f"whole model); it cannot be resumed: start a new run.output_dir")
+    check_fingerprint(meta["base"], fingerprint, checkpoint=where)
+    position = position_of(step)
+    recorded = {key: meta.get(key) for key in position}
+    if recorded != position:
+        raise TrainingError(f"{where}: recorded data position {recorded}, but with the current training data and batch "
+                            f"settings step {step} is at {position}: resuming would skip or repeat records. Use the "
+                            f"data, data.seed and run.batch_size / gradient_accumulation_steps of the checkpoint, or "
+                            f"start a new run.output_dir")
+    return checkpointer.restore(step, like)
+
+
+def _data_summary(train_data, eval_data) -> dict:
+    """Where the records went (the datasets' `DataReport`s) and the rows of each set."""
+    train_report = train_data.report
+    eval_report = None if eval_data is None else eval_data.report
+    return {"train_file": None if train_report is None else train_report.as_dict(),
+            "eval_file": None if eval_report is None or eval_report is train_report else eval_report.as_dict(),
+            "train_rows": len(train_data), "eval_rows": 0 if eval_data is None else len(eval_data)}
+
+
 def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     """Run (or resume) the training described by ``config``; returns the run summary.
 
     `prepared` is what `setup(config)` returns, for a caller that already holds the model (it is
-    trained in place: afterwards it carries the trained adapter).
+    trained in place: afterwards it carries the trained adapter; if training raises, the adapter
+    values of the last good step).
     """
     from torch_bridge import save_peft_adapter
 
@@ -144,26 +213,35 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     rows_per_step = config.run.batch_size * config.run.gradient_accumulation_steps
     per_epoch = steps_per_epoch(train_data, rows_per_step)
     total = config.run.max_steps if config.run.max_steps > 0 else math.ceil(config.run.num_epochs * per_epoch)
-    tx = make_optimizer(config.optim, total)
+    tx = skip_nonfinite_updates(make_optimizer(config.optim, total))
     schedule = learning_rate_schedule(config.optim, total)
+
+    def position_of(step):
+        return data_position(step, per_epoch, rows_per_step, len(train_data), config.data.seed)
 
     model.eval()
     eval_graphdef = nnx.split(model, wrt, ...)[0]
     model.train()
     graphdef, trainable, rest = nnx.split(model, wrt, ...)
     opt_state = tx.init(trainable)
+    if config.optim.offload_optimizer_state:
+        opt_state = to_memory(opt_state, "pinned_host")
     step_fn = make_train_step(graphdef, tx, wrt=wrt, offload=config.optim.offload_optimizer_state)
     eval_step = make_eval_step(eval_graphdef)
+    model_config = config.model
+    fingerprint = base_fingerprint(model_dir, load_settings(model_config.dtype, model_config.quantize,
+                                                            model_config.double_quant, model_config.blocksize))
     checkpointer = TrainCheckpointer(run_dir / "checkpoints", keep=config.run.keep_checkpoints)
 
     start, best = 0, math.inf
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(None, {"trainable": trainable, "opt_state": opt_state, "rest": rest})
-        trainable, opt_state, rest = state["trainable"], state["opt_state"], state["rest"]
-        start, best = meta["step"], meta.get("best_eval_loss", math.inf)
+        # Only what trains is in the checkpoint: the frozen weights in `rest` are the base loaded again
+        # (its fingerprint checked), the dropout RNG state in it comes from the checkpoint.
+        like = {"trainable": trainable, "opt_state": opt_state, "rng": nnx.split_state(rest, nnx.RngState, ...)[0]}
+        state, meta = _restore(checkpointer, like, fingerprint, position_of)
+        trainable, opt_state, rest = state["trainable"], state["opt_state"], nnx.merge_state(rest, state["rng"])
+        start, best = meta["step"], meta["best_eval_loss"] if meta["best_eval_loss"] is not None else math.inf
         print(f"resuming from step {start}", file=sys.stderr)
-    if config.optim.offload_optimizer_state:
-        opt_state = to_memory(opt_state, "pinned_host")
 
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
@@ -171,8 +249,10 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     t0, tokens_seen, last_loss, eval_loss = time.time(), 0.0, math.nan, None
 
     def save(step):
-        checkpointer.save(step, {"trainable": trainable, "opt_state": opt_state, "rest": rest},
-                          {"step": step, "best_eval_loss": best, "epoch": step // per_epoch})
+        state = {"trainable": trainable, "opt_state": opt_state, "rng": nnx.split_state(rest, nnx.RngState, ...)[0]}
+        meta = {"step": step, **position_of(step), "best_eval_loss": None if math.isinf(best) else best,
+                "base": fingerprint}
+        checkpointer.save(step, state, meta)
 
     def run_eval(step):
         nonlocal best, eval_loss
@@ -198,9 +278,10 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
                 batch = next(iterator)
                 micro = {k: v.reshape(config.run.gradient_accumulation_steps, config.run.batch_size, -1) for k, v in batch.items()}
                 trainable, rest, opt_state, metrics = step_fn(trainable, rest, opt_state, micro)
-                last_loss = float(metrics["loss"])
-                if not math.isfinite(last_loss):
-                    raise TrainingError(f"loss is {last_loss} at step {step + 1}; stopping. The latest checkpoint "
+                last_loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
+                    raise TrainingError(f"loss is {last_loss} (gradient norm {grad_norm}) at step {step + 1}; stopping "
+                                        f"(a step with non-finite gradients changes nothing). The latest checkpoint "
                                         f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact.")
                 tokens_seen += float(metrics["tokens"])
                 done = step + 1
@@ -208,12 +289,13 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
                 eta = (total - done) * (time.time() - t0) / max(done - start, 1)
                 print(f"\rstep {done}/{total}  loss {last_loss:.4f}  {rate:,.0f} tok/s  ETA {eta:,.0f}s", end="", file=sys.stderr)
                 if done % config.run.log_every == 0 or done == total:
-                    log.write(json.dumps({"step": done, "epoch": epoch, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
+                    log.write(json.dumps({"step": done, "epoch": epoch, "loss": last_loss, "grad_norm": grad_norm,
                                           "learning_rate": float(schedule(step)),
                                           "tokens_per_second": rate}) + "\n")
                     log.flush()
                 epoch_end = done % per_epoch == 0
-                if (config.run.eval_every and done % config.run.eval_every == 0) or (not config.run.eval_every and epoch_end):
+                eval_due = (done % config.run.eval_every == 0) if config.run.eval_every else epoch_end
+                if eval_due or done == total:  # the last step always evaluates (a run shorter than eval_every too)
                     run_eval(done)
                 if done % config.run.save_every == 0 or done == total or interrupted:
                     save(done)
@@ -223,9 +305,16 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         checkpointer.close()
+        # The step donates `trainable` and `opt_state`: from the first step on, the model's own trainable
+        # arrays are deleted and `trainable` holds the live values. However the loop ends (done, an error,
+        # KeyboardInterrupt), those values go back into the model, so a caller's `prepared` model stays
+        # usable. A non-finite step returns its inputs (`skip_nonfinite_updates`), so after a NaN stop
+        # these are the last good values. Copying the model's arrays before the first step instead would
+        # keep a second copy of every trainable parameter for the whole run (all weights with full
+        # fine-tuning). Not covered: XLA failing while it executes a step whose inputs it already took.
+        nnx.update(model, trainable, nnx.split_state(rest, nnx.RngState, ...)[0])
     print(file=sys.stderr)
 
-    nnx.update(model, trainable)
     if wrt is not nnx.Param:
         save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
     else:  # full fine-tuning: the whole model, as an HF checkpoint
@@ -235,6 +324,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     _plot(metrics_path, run_dir / "loss.png")
     summary = {
         "config": json.loads(json.dumps(config, default=lambda o: o.__dict__)),
+        "data": _data_summary(train_data, eval_data),
         "steps": checkpointer.latest_step(), "total_steps": total, "interrupted": bool(interrupted),
         "final_loss": last_loss, "final_eval_loss": eval_loss, "best_eval_loss": None if math.isinf(best) else best,
         "wall_seconds": time.time() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -243,4 +333,5 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     return summary
 
 
-__all__ = ["ModelPathError", "TrainingError", "resolve_model_path", "train"]
+__all__ = ["BaseModelMismatchError", "ModelPathError", "TrainingError", "data_position", "resolve_model_path",
+           "skip_nonfinite_updates", "train"]

@@ -22,6 +22,7 @@ from jaxlora.data.sft import (
     TokenizedExample,
     batches,
     build_rows,
+    load_eval_data,
     load_sft_data,
     pack_examples,
     read_jsonl,
@@ -564,6 +565,14 @@ def test_load_sft_data_end_to_end(tmp_path, tokenizer):
     assert held is not None and held.segment_ids.max(axis=1).sum() == 4
     assert train.segment_ids.max(axis=1).sum() == len(lines) - 1 - 4
     assert train.input_ids.shape[1] == 256 and len(train) < len(lines) - 5
+    # Every record is accounted for: 21 records (one line is not JSON), 4 held out, 17 trained on.
+    assert (report.records, report.held_out) == (len(lines) - 1, 4)
+    assert report.examples == {"train": len(lines) - 1 - 4, "eval": 4}
+    assert report.rows == {"train": len(train), "eval": len(held)}
+    assert train.report is report and held.report is report
+    assert str(report).startswith(f"21 records (4 held out for evaluation) -> 17 train examples in {len(train)} rows, "
+                                  f"4 eval examples in {len(held)} rows; {path}: 1 invalid_json")
+    assert report.as_dict()["examples"] == report.examples
     again = load_sft_data(path, tokenizer, config)
     assert np.array_equal(again[0].input_ids, train.input_ids) and np.array_equal(
         again[1].labels, held.labels
@@ -574,3 +583,23 @@ def test_load_sft_data_end_to_end(tmp_path, tokenizer):
         DataConfig(overlong="cut")
     with pytest.raises(ValueError, match="template='alpaca'"):
         DataConfig(template="alpaca")
+
+
+def test_load_eval_data_uses_the_whole_file_and_accounts_for_every_record(tmp_path, tokenizer):
+    good = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))} for i in range(1, 7)]
+    no_answer = {"messages": [{"role": "user", "content": "Hello?"}]}
+    path = write_jsonl(tmp_path, good + [no_answer], name="eval.jsonl")
+    config = DataConfig(max_seq_length=256, on_error="skip")
+    held, report = load_eval_data(path, tokenizer, config)
+    assert held.segment_ids.max(axis=1).sum() == 6 and held.report is report
+    assert (report.records, report.held_out, report.examples, report.rows) == (7, 7, {"eval": 6}, {"eval": len(held)})
+    assert report.skipped == {"missing_fields": 1} and report.first_lines["missing_fields"] == [7]
+    assert str(report).startswith(f"7 records -> 6 eval examples in {len(held)} rows; {path}: 1 missing_fields")
+    with pytest.raises(ValueError, match=r"eval.jsonl: an evaluation file is used whole; eval_fraction=0.0 / eval_size=2"):
+        load_eval_data(path, tokenizer, DataConfig(max_seq_length=256, eval_size=2))
+    empty = write_jsonl(tmp_path, [no_answer, no_answer], name="empty_eval.jsonl")
+    with pytest.raises(DataError, match=r"empty_eval.jsonl: no evaluation example left of 2 records"):
+        load_eval_data(empty, tokenizer, config)
+    # Without a split, load_sft_data holds nothing out.
+    train, none, train_report = load_sft_data(path, tokenizer, config)
+    assert none is None and train_report.held_out == 0 and train_report.examples == {"train": 6}

@@ -72,3 +72,35 @@ def test_keeps_the_last_k_and_restores_exact_arrays(tmp_path):
     np.testing.assert_array_equal(np.asarray(state["b"]["c"]), states[3]["b"]["c"])
     with pytest.raises(FileNotFoundError):
         TrainCheckpointer(tmp_path / "empty").restore(None, states[1])
+
+
+def test_restore_reads_only_shapes_and_puts_arrays_back_in_their_memory(tmp_path):
+    """Restore builds its target from shapes, dtypes and shardings: deleted `like` arrays (whose values
+    cannot be read, by np.asarray or anything else) restore fine; a pinned_host leaf comes back in
+    pinned_host memory, a typed PRNG key comes back as a key."""
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    state = {"weights": jnp.arange(12, dtype=jnp.float32).reshape(3, 4),
+             "moments": jax.device_put(jnp.linspace(0, 1, 5, dtype=jnp.float32), host),
+             "key": jax.random.key(3), "count": jnp.asarray(7, jnp.int32)}
+    checkpointer = TrainCheckpointer(tmp_path / "ck")
+    checkpointer.save(1, state, {"step": 1})
+    expected = {name: np.asarray(jax.random.key_data(x) if name == "key" else x) for name, x in state.items()}
+    for name, x in state.items():
+        x.delete()
+        assert x.is_deleted()
+    assert checkpointer.read_meta() == {"step": 1}
+    restored, meta = checkpointer.restore(None, state)
+    assert meta == {"step": 1}
+    assert restored["moments"].sharding.memory_kind == "pinned_host"
+    assert restored["weights"].sharding.memory_kind == "device"
+    assert jax.dtypes.issubdtype(restored["key"].dtype, jax.dtypes.prng_key)
+    for name, value in expected.items():
+        got = jax.random.key_data(restored[name]) if name == "key" else restored[name]
+        np.testing.assert_array_equal(np.asarray(got), value)
+    abstract = {name: jax.ShapeDtypeStruct(x.shape, x.dtype) for name, x in restored.items() if name != "key"}
+    again, _ = checkpointer.restore(1, {**abstract, "key": restored["key"]})
+    np.testing.assert_array_equal(np.asarray(again["weights"]), expected["weights"])

@@ -81,3 +81,21 @@ def test_unreadable_and_unknown_format(tmp_path):
     (tmp_path / "c.json").write_text("{}")
     with pytest.raises(TrainConfigError, match=".toml, .yaml or .yml"):
         load_config(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("split,keys", [
+    ("eval_size = 4", r"data\.eval_size = 4"),
+    ("eval_fraction = 0.1", r"data\.eval_fraction = 0\.1"),
+    ("eval_fraction = 0.1\neval_size = 4", r"data\.eval_fraction = 0\.1 and data\.eval_size = 4"),
+])
+def test_eval_file_with_a_split_of_train_file_is_ambiguous(tmp_path, split, keys):
+    """With eval_file the whole file is the eval set and train_file is not split: asking for a split too is an error."""
+    (tmp_path / "c.toml").write_text(f"[data]\ntrain_file = 't.jsonl'\neval_file = 'e.jsonl'\n{split}\n")
+    with pytest.raises(TrainConfigError, match=rf"c\.toml: \[data\] data\.eval_file = 'e\.jsonl' and {keys} are both set"):
+        load_config(tmp_path / "c.toml")
+    (tmp_path / "ok.toml").write_text("[data]\ntrain_file = 't.jsonl'\neval_file = 'e.jsonl'\neval_fraction = 0.0\n")
+    assert load_config(tmp_path / "ok.toml").data.eval_file == "e.jsonl"
+    (tmp_path / "split.toml").write_text(f"[data]\ntrain_file = 't.jsonl'\n{split.splitlines()[0]}\n")
+    assert load_config(tmp_path / "split.toml").data.eval_file is None
+    with pytest.raises(TrainConfigError, match="data.eval_file = 'e.jsonl' and"):
+        load_config(tmp_path / "split.toml", ["data.eval_file='e.jsonl'"])
