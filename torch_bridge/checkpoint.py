@@ -144,7 +144,10 @@ def build_llama(
             raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(array.shape)}; the config needs {expected}")
         array = np.asarray(array).astype(DTYPES[dtype], copy=False)
         if quantize is not None and QUANTIZABLE.match(key):
-            q = quantize_4bit(jnp.asarray(array), blocksize=blocksize, quant_type=quantize, double_quant=double_quant)
+            try:
+                q = quantize_4bit(jnp.asarray(array), blocksize=blocksize, quant_type=quantize, double_quant=double_quant, name=key)
+            except ValueError as err:
+                raise CheckpointError(f"{source}: {err}") from err
             set_submodule(model, ".".join(map(str, module_path)), Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
             continue
         variable.set_value(jnp.asarray(array))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +124,19 @@ def test_bitsandbytes_prequantized_checkpoint_both_ways(tmp_path, torch_device):
     theirs = bnb_reference_dequantize(proj.weight.data, proj.weight.quant_state, torch_device)
     ours = np.asarray(dequantize_4bit(layer.quantized).astype(jnp.float32))
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.reshape(ours.shape).view(np.uint32))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_non_finite_projection_fails_to_quantize_naming_its_key(tmp_path, quantize, bad):
+    hf = hf_model("gqa-untied")
+    hf.save_pretrained(tmp_path / "hf")
+    state = read_all(tmp_path / "hf")
+    key = "model.layers.1.mlp.down_proj.weight"
+    state[key][3, 5] = bad  # not the last element of its block: a check on block maxima misses it
+    safetensors_numpy.save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path / 'hf'))}: cannot quantize '{re.escape(key)}' of shape \(64, 96\).*first at index \[3, 5\]"):
+        load_llama(tmp_path / "hf", quantize=quantize)
 
 
 def test_save_dense_model_as_bitsandbytes_4bit(tmp_path):
