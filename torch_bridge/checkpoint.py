@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -132,7 +133,8 @@ def build_llama(
         module_path = path[:-1]
         if QUANTIZABLE.match(key) and any(available(f"{key}.quant_state.bitsandbytes__{t}") for t in ("nf4", "fp4")):
             prefix_arrays = {k: get_array(k) for k in _bnb_keys(key, available)}
-            q = quant_state_from_arrays(prefix_arrays, key, source=source)
+            # Device arrays now: numpy leaves would be copied to the device again at every jitted call.
+            q = jax.device_put(quant_state_from_arrays(prefix_arrays, key, source=source))
             if q.shape != expected:
                 raise CheckpointError(f"{source}: {key} is stored 4-bit with shape {q.shape}; the config needs {expected}")
             set_submodule(model, ".".join(map(str, module_path)), Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlora.models import ConfigError
 from jaxlora.nn import Linear4bit
@@ -113,6 +115,13 @@ def test_bitsandbytes_prequantized_checkpoint_both_ways(tmp_path, torch_device):
     np.testing.assert_array_equal(np.asarray(layer.quantized.packed), stored[key].reshape(-1))
     np.testing.assert_array_equal(np.asarray(layer.quantized.absmax), stored[key + ".absmax"])
     np.testing.assert_array_equal(np.asarray(layer.quantized.nested_absmax), stored[key + ".nested_absmax"])
+
+    # Every leaf of every stored 4-bit weight is on the device, not a numpy array copied at each call.
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, Linear4bit)]
+    assert len(layers) == 7 * hf.config.num_hidden_layers
+    for module in layers:
+        leaves = jax.tree.leaves(module.quantized)
+        assert len(leaves) == 4 and all(isinstance(leaf, jax.Array) for leaf in leaves), [type(x) for x in leaves]
 
     out = save_llama(model, tmp_path / "out", quantization="bnb-nf4")
     written = read_all(out)
