@@ -79,6 +79,29 @@ def _expect(array: np.ndarray, key: str, dtype, shape: tuple[int, ...], source: 
     return array
 
 
+def parse_quant_state_json(raw: np.ndarray, key: str, *, source: str = "state dict") -> dict:
+    """The JSON object of a ``quant_state.bitsandbytes__<type>`` tensor (``key``), with its quant_type,
+    blocksize, dtype and shape checked. Raises `BnbStateError` naming ``source`` and ``key``."""
+    try:
+        state = json.loads(bytes(np.asarray(raw, dtype=np.uint8)).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BnbStateError(f"{source}: {key} is not valid UTF-8 JSON: {err}") from err
+    if not isinstance(state, dict):
+        raise BnbStateError(f"{source}: {key} holds JSON {type(state).__name__}; expected an object")
+    quant_type = state.get("quant_type")
+    if quant_type not in SUPPORTED_QUANT_TYPES or key.rsplit("__", 1)[1] != quant_type:
+        raise BnbStateError(f"{source}: {key} has quant_type {quant_type!r}; expected 'nf4' or 'fp4' matching the key")
+    blocksize = state.get("blocksize")
+    if type(blocksize) is not int or blocksize not in SUPPORTED_BLOCKSIZES:
+        raise BnbStateError(f"{source}: {key} has blocksize {blocksize!r}; expected one of {SUPPORTED_BLOCKSIZES}")
+    if state.get("dtype") not in _DTYPE_NAMES:
+        raise BnbStateError(f"{source}: {key} has dtype {state.get('dtype')!r}; expected one of {sorted(_DTYPE_NAMES)}")
+    raw_shape = state.get("shape")
+    if not isinstance(raw_shape, list) or not raw_shape or not all(type(d) is int and d > 0 for d in raw_shape):
+        raise BnbStateError(f"{source}: {key} has shape {raw_shape!r}; expected a non-empty list of positive integers")
+    return state
+
+
 def quant_state_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str = "weight", *, source: str = "state dict") -> QuantizedTensor:
     """Read a bitsandbytes 4-bit weight from its serialized tensors (the inverse of `quant_state_to_arrays`).
 
@@ -95,29 +118,8 @@ def quant_state_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str = "wei
         raise BnbStateError(
             f"{source}: expected exactly one '{prefix}.quant_state.bitsandbytes__<nf4|fp4>' key, found {json_keys}"
         )
-    try:
-        state = json.loads(bytes(np.asarray(arrays[json_keys[0]], dtype=np.uint8)).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BnbStateError(f"{source}: {json_keys[0]} is not valid UTF-8 JSON: {err}") from err
-    if not isinstance(state, dict):
-        raise BnbStateError(f"{source}: {json_keys[0]} holds JSON {type(state).__name__}; expected an object")
-    quant_type = state.get("quant_type")
-    if quant_type not in SUPPORTED_QUANT_TYPES or json_keys[0].rsplit("__", 1)[1] != quant_type:
-        raise BnbStateError(f"{source}: {json_keys[0]} has quant_type {quant_type!r}; expected 'nf4' or 'fp4' matching the key")
-    blocksize = state.get("blocksize")
-    if type(blocksize) is not int or blocksize not in SUPPORTED_BLOCKSIZES:
-        raise BnbStateError(f"{source}: {json_keys[0]} has blocksize {blocksize!r}; expected one of {SUPPORTED_BLOCKSIZES}")
-    dtype = state.get("dtype")
-    if dtype not in _DTYPE_NAMES:
-        raise BnbStateError(f"{source}: {json_keys[0]} has dtype {dtype!r}; expected one of {sorted(_DTYPE_NAMES)}")
-    raw_shape = state.get("shape")
-    if (
-        not isinstance(raw_shape, list)
-        or not raw_shape
-        or not all(type(d) is int and d > 0 for d in raw_shape)
-    ):
-        raise BnbStateError(f"{source}: {json_keys[0]} has shape {raw_shape!r}; expected a non-empty list of positive integers")
-    shape = tuple(raw_shape)
+    state = parse_quant_state_json(arrays[json_keys[0]], json_keys[0], source=source)
+    quant_type, blocksize, dtype, shape = state["quant_type"], state["blocksize"], state["dtype"], tuple(state["shape"])
     n = math.prod(shape)
     nblocks = -(-n // blocksize)
     missing = [k for k in (prefix, f"{prefix}.absmax") if k not in arrays]

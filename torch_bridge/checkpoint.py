@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -22,10 +23,11 @@ from flax import nnx
 from jaxlora.models import LlamaConfig, LlamaForCausalLM
 from jaxlora.nn import Linear4bit
 from jaxlora.peft import set_submodule
-from jaxlora.quant import quantize_4bit
+from jaxlora.quant import QuantizedTensor, quantize_4bit
 from torch_bridge.bnb_state import quant_state_from_arrays
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64, "U8": np.uint8}
 # The decoder projections that QLoRA quantizes (not embeddings, norms or lm_head).
 QUANTIZABLE = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
@@ -66,26 +68,35 @@ class SafetensorsReader:
             files, weight_map = ["model.safetensors"], None
         else:
             raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
-        keys_of = {name: self._keys(name) for name in files}
+        dtypes_of = {name: self._dtypes(name) for name in files}
         if weight_map is None:
-            weight_map = {key: "model.safetensors" for key in keys_of["model.safetensors"]}
+            weight_map = {key: "model.safetensors" for key in dtypes_of["model.safetensors"]}
         else:
             for key, name in weight_map.items():
-                if key not in keys_of[name]:
+                if key not in dtypes_of[name]:
                     raise CheckpointError(f"{directory / name}: the index lists '{key}' but the file does not hold it")
         self.weight_map = weight_map
+        self._stored_dtypes = {key: dtypes_of[name][key] for key, name in weight_map.items()}
 
-    def _keys(self, name: str) -> set[str]:
+    def _dtypes(self, name: str) -> dict[str, str]:
         from safetensors import safe_open
 
         try:
             with safe_open(str(self.directory / name), framework="numpy") as f:
-                return set(f.keys())
+                return {key: f.get_slice(key).get_dtype() for key in f.keys()}
         except Exception as err:  # safetensors raises its own error types for truncated/malformed files
             raise CheckpointError(f"{self.directory / name}: cannot be read as safetensors ({err})") from err
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
+
+    def stored_dtype(self, key: str) -> np.dtype:
+        """The dtype ``key`` is stored in, from the file's header (nothing is read)."""
+        code = self._stored_dtypes[key]
+        if code not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.directory / self.weight_map[key]}: tensor '{key}' has dtype {code}; "
+                                  f"expected one of {sorted(_SAFETENSORS_DTYPES)}")
+        return np.dtype(_SAFETENSORS_DTYPES[code])
 
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
@@ -128,38 +139,98 @@ def build_llama(
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=jnp.dtype(dtype), compute_dtype=compute, rngs=nnx.Rngs(0)))
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key = ".".join(str(p) for p in path)
-        expected = tuple(variable.shape)
         module_path = path[:-1]
-        if QUANTIZABLE.match(key) and any(available(f"{key}.quant_state.bitsandbytes__{t}") for t in ("nf4", "fp4")):
-            prefix_arrays = {k: get_array(k) for k in _bnb_keys(key, available)}
-            q = quant_state_from_arrays(prefix_arrays, key, source=source)
-            if q.shape != expected:
-                raise CheckpointError(f"{source}: {key} is stored 4-bit with shape {q.shape}; the config needs {expected}")
+        stored = read_parameter(key, tuple(variable.shape), get_array, available, source=source)
+        if isinstance(stored, QuantizedTensor):
+            # Device arrays now: numpy leaves would be copied to the device again at every jitted call.
+            q = jax.device_put(stored)
             set_submodule(model, ".".join(map(str, module_path)), Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
             continue
-        if not available(key):
-            raise CheckpointError(f"{source}: missing tensor '{key}' (shape {expected}) for module '{'.'.join(map(str, module_path))}'")
-        array = get_array(key)
-        if tuple(array.shape) != expected:
-            raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(array.shape)}; the config needs {expected}")
-        array = np.asarray(array).astype(DTYPES[dtype], copy=False)
+        array = np.asarray(stored).astype(DTYPES[dtype], copy=False)
         if quantize is not None and QUANTIZABLE.match(key):
-            q = quantize_4bit(jnp.asarray(array), blocksize=blocksize, quant_type=quantize, double_quant=double_quant)
+            try:
+                q = quantize_4bit(jnp.asarray(array), blocksize=blocksize, quant_type=quantize, double_quant=double_quant, name=key)
+            except ValueError as err:
+                raise CheckpointError(f"{source}: {err}") from err
             set_submodule(model, ".".join(map(str, module_path)), Linear4bit(q, _bias_of(key, get_array, available), compute_dtype=compute))
             continue
         variable.set_value(jnp.asarray(array))
     return model
 
 
-def _bnb_keys(key: str, available) -> list[str]:
+def stored_4bit(key: str, available: Callable[[str], bool]) -> bool:
+    """Whether parameter ``key`` is stored in bitsandbytes' 4-bit form (its quant_state key is present)."""
+    return QUANTIZABLE.match(key) is not None and any(available(f"{key}.quant_state.bitsandbytes__{t}") for t in ("nf4", "fp4"))
+
+
+def stored_keys(key: str, available: Callable[[str], bool]) -> list[str]:
+    """The checkpoint keys that hold parameter ``key``: its 4-bit group, or the key itself."""
+    if not stored_4bit(key, available):
+        return [key]
     suffixes = ["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
                 ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"]
     return [key + s for s in suffixes if available(key + s)]
 
 
+def read_parameter(key: str, expected: tuple[int, ...], get_array: Callable[[str], np.ndarray],
+                   available: Callable[[str], bool], *, source: str) -> np.ndarray | QuantizedTensor:
+    """The stored value of parameter ``key`` (its HF name), checked against the ``expected`` shape.
+
+    Returns a `QuantizedTensor` with numpy leaves when the checkpoint holds it in bitsandbytes' 4-bit
+    form, else the numpy array as stored (its own dtype).
+
+    Raises:
+      CheckpointError: the tensor is missing or has another shape (naming ``source``, key, module, shapes).
+    """
+    if stored_4bit(key, available):
+        q = quant_state_from_arrays({k: get_array(k) for k in stored_keys(key, available)}, key, source=source)
+        if q.shape != expected:
+            raise CheckpointError(f"{source}: {key} is stored 4-bit with shape {q.shape}; the config needs {expected}")
+        return q
+    if not available(key):
+        raise CheckpointError(f"{source}: missing tensor '{key}' (shape {expected}) for module '{key.rsplit('.', 1)[0]}'")
+    array = get_array(key)
+    if tuple(array.shape) != expected:
+        raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(array.shape)}; the config needs {expected}")
+    return array
+
+
+def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape of every parameter of a `LlamaForCausalLM` of ``config``, in state-dict order."""
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    return {".".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def shape_only_llama(config: LlamaConfig) -> LlamaForCausalLM:
+    """A float32 `LlamaForCausalLM` of ``config`` whose parameters take no memory.
+
+    Each parameter is a read-only numpy view of a single zero, broadcast to its shape: enough for
+    everything that reads only shapes and dtypes (injecting LoRA, loading an adapter strictly
+    against the model), without the base weights. Not for running the model.
+    """
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        abstract = variable.get_value()
+        variable.set_value(np.broadcast_to(np.zeros((), abstract.dtype), abstract.shape))
+    return model
+
+
+def check_all_used(source: str, keys, used: set[str], config: LlamaConfig) -> None:
+    """Raise if a checkpoint holds tensors that no parameter of the model takes (a wrong or corrupt base)."""
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unused = sorted(k for k in keys if k not in used and k not in ignorable and "rotary_emb.inv_freq" not in k)
+    if unused:
+        raise CheckpointError(f"{source}: {len(unused)} tensors match no parameter of the model, e.g. {unused[:5]}")
+
+
 def _bias_of(weight_key: str, get_array, available):
     bias_key = weight_key[: -len("weight")] + "bias"
     return jnp.asarray(get_array(bias_key)) if available(bias_key) else None
+
+
+def read_llama_config(directory: Path) -> LlamaConfig:
+    """The `LlamaConfig` of a checkpoint directory's config.json (CheckpointError / ConfigError naming it)."""
+    return LlamaConfig.from_hf_dict(_read_json(directory / "config.json"), source=str(directory / "config.json"))
 
 
 def load_llama(path, *, dtype: str = "float32", quantize: str | None = None, double_quant: bool = True,
@@ -177,8 +248,7 @@ def load_llama(path, *, dtype: str = "float32", quantize: str | None = None, dou
       CheckpointError / ConfigError naming the file, key and shapes.
     """
     directory = Path(path)
-    config_dict = _read_json(directory / "config.json")
-    config = LlamaConfig.from_hf_dict(config_dict, source=str(directory / "config.json"))
+    config = read_llama_config(directory)
     reader = SafetensorsReader(directory)
     consumed: set[str] = set()
 
@@ -188,11 +258,9 @@ def load_llama(path, *, dtype: str = "float32", quantize: str | None = None, dou
 
     model = build_llama(config, get_array, reader.__contains__, dtype=dtype, quantize=quantize,
                         double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype, source=str(directory))
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    unused = sorted(k for k in reader.keys() if k not in consumed and k not in ignorable and "rotary_emb.inv_freq" not in k)
-    if unused:
-        raise CheckpointError(f"{directory}: {len(unused)} tensors match no parameter of the model, e.g. {unused[:5]}")
+    check_all_used(str(directory), reader.keys(), consumed, config)
     return model
 
 
-__all__ = ["CheckpointError", "SafetensorsReader", "build_llama", "load_llama"]
+__all__ = ["CheckpointError", "SafetensorsReader", "build_llama", "load_llama", "parameter_shapes", "read_parameter",
+           "shape_only_llama"]

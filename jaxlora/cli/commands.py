@@ -2,7 +2,7 @@
 
     jaxlora train CONFIG [--preset qv|attention|all-linear] [--set section.key=value ...] [--dry-run]
     jaxlora generate --model HF_DIR [--adapter PEFT_DIR ...] [--quantize nf4] --prompt TEXT [sampling options]
-    jaxlora export RUN_OR_ADAPTER (--peft OUT | --merged OUT | --bnb-4bit OUT) [--model HF_DIR]
+    jaxlora export RUN_OR_ADAPTER (--peft OUT | --merged OUT | --bnb-4bit OUT) [--model HF_DIR] [--dtype D]
     jaxlora memory --model HF_DIR_OR_SIZE --method full|lora|qlora [--rank --targets --batch --seq --grad-ckpt --offload]
     jaxlora quickstart [--steps N | --full] [--output-dir DIR]
 
@@ -112,7 +112,8 @@ def cmd_export(args) -> int:
     if len(targets) != 1:
         raise UserError("give exactly one of --peft OUT, --merged OUT, --bnb-4bit OUT")
     kind, out = targets[0]
-    written = export(args.source, kind.replace("_", "-"), out, model=args.model, best=args.best)
+    written = export(args.source, kind.replace("_", "-"), out, model=args.model, best=args.best, dtype=args.dtype,
+                     max_shard_size=args.max_shard_size)
     print(f"wrote {written}")
     return 0
 
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merged HF checkpoint in bitsandbytes' pre-quantized NF4 (double quant)")
     p.add_argument("--model", help="base model directory (default: the adapter's base_model_name_or_path)")
     p.add_argument("--best", action="store_true", help="a run's best_adapter/ instead of adapter/")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of a merged export's tensors (default: as the base checkpoint stores each)")
+    p.add_argument("--max-shard-size", default="5GB", help='split a merged export into shards of this size (default "5GB")')
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("memory", help="estimate training memory",

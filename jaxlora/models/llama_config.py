@@ -123,15 +123,23 @@ class LlamaConfig:
         return cls.from_hf_dict(config, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers v5 ``config.json`` dict for ``LlamaForCausalLM``."""
-        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        """A ``config.json`` dict for ``LlamaForCausalLM`` with RoPE in both of transformers' forms.
+
+        transformers 5 reads ``rope_parameters``; readers that know only the legacy keys
+        (transformers 4, mlx-lm, converters) read top-level ``rope_theta`` and ``rope_scaling``
+        (None, or the llama3 parameters) and would silently fall back to theta 10000 without them.
+        """
+        scaling: dict[str, Any] | None = None
         if self.rope_type == "llama3":
-            rope.update(
-                factor=self.rope_factor,
-                low_freq_factor=self.rope_low_freq_factor,
-                high_freq_factor=self.rope_high_freq_factor,
-                original_max_position_embeddings=self.rope_original_max_position_embeddings,
-            )
+            scaling = {
+                "rope_type": "llama3",
+                "factor": self.rope_factor,
+                "low_freq_factor": self.rope_low_freq_factor,
+                "high_freq_factor": self.rope_high_freq_factor,
+                "original_max_position_embeddings": self.rope_original_max_position_embeddings,
+            }
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **(scaling or {})}
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("rope_")}
-        out.update(architectures=["LlamaForCausalLM"], model_type="llama", rope_parameters=rope)
+        out.update(architectures=["LlamaForCausalLM"], model_type="llama", rope_parameters=rope,
+                   rope_theta=self.rope_theta, rope_scaling=scaling)
         return out

@@ -47,6 +47,8 @@ def quantize_scales(absmax: jax.Array, offset: jax.Array | None = None):
 
     Returns:
       ``(codes uint8 [nblocks], nested_absmax float32 [ceil(nblocks/256)], offset float32 [])``.
+      A NaN or Inf scale makes its block's ``nested_absmax`` NaN (and the default offset, a sum,
+      non-finite), so a caller that checks ``nested_absmax`` cannot miss it.
     """
     absmax = absmax.astype(jnp.float32)
     if offset is None:
@@ -54,7 +56,10 @@ def quantize_scales(absmax: jax.Array, offset: jax.Array | None = None):
     offset = jnp.asarray(offset, jnp.float32)
     centred = absmax - offset
     blocks = _blocks_of(centred, NESTED_BLOCKSIZE)
-    nested_absmax = jnp.max(jnp.abs(blocks), axis=1)
+    # XLA's fused CPU max can drop a NaN that is not a block's last element: a block with a NaN or
+    # Inf gets a NaN nested scale, so that the caller's finiteness check sees it.
+    finite_blocks = jnp.all(jnp.isfinite(blocks), axis=1)
+    nested_absmax = jnp.where(finite_blocks, jnp.max(jnp.abs(blocks), axis=1), jnp.nan)
     # Multiply by the float32 reciprocal, like the CUDA kernel. An all-zero block gives 0 * inf = NaN,
     # which maps to code 0 and reconstructs exactly (code * 0 + offset).
     scaled = blocks * (1.0 / nested_absmax)[:, None]

@@ -8,9 +8,11 @@ NF4 is the 4-bit NormalFloat of the QLoRA paper (Dettmers et al., 2023, arXiv:23
 bitsandbytes' e2m1 variant. Double quantization (``double_quant=True``) then stores the scales in
 8 bits (`jaxlora.quant.blockwise8`).
 
-The public functions validate concrete inputs (NaN/Inf, empty tensors) and call jit-compiled cores;
-inside an outer ``jax.jit`` the NaN/Inf check cannot raise and is skipped (a NaN block then gets
-code 0 and a NaN scale, as on CUDA).
+The public functions validate concrete inputs (NaN/Inf, empty tensors) and call jit-compiled cores.
+Finiteness is checked on the values themselves, in the core: a check on the block maxima would miss
+most NaNs, because XLA's fused CPU max reduction drops a NaN unless it is the block's last element.
+Inside an outer ``jax.jit`` the check cannot raise and is skipped; a block holding a NaN or Inf then
+gets a NaN scale (set explicitly, for the same reason) and code 0.
 """
 
 from __future__ import annotations
@@ -73,7 +75,10 @@ def _quantize_core(x, *, blocksize: int, quant_type: str, double_quant: bool):
     n = flat.shape[0]
     nblocks = -(-n // blocksize)
     blocks = jnp.pad(flat, (0, nblocks * blocksize - n)).reshape(nblocks, blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    # Finiteness of every value, reduced per block alongside the maximum (one pass over the data); the
+    # maximum alone can drop a NaN (module docstring). A block with a NaN or Inf gets a NaN scale.
+    finite_blocks = jnp.all(jnp.isfinite(blocks), axis=1)
+    absmax = jnp.where(finite_blocks, jnp.max(jnp.abs(blocks), axis=1), jnp.nan)
     # Multiply by the reciprocal (B.2 step 4). The padding slot of an odd-length tensor holds 0.0 and
     # is quantized like any element (NF4 -> 7, FP4 -> 0), as CUDA does.
     inverse = (1.0 / absmax)[:, None]
@@ -83,11 +88,13 @@ def _quantize_core(x, *, blocksize: int, quant_type: str, double_quant: bool):
     high = to_codes(blocks[:, 0::2] * inverse).reshape(-1)
     low = to_codes(blocks[:, 1::2] * inverse).reshape(-1)
     packed = ((high << 4) | low)[: (n + 1) // 2]
-    all_finite = jnp.all(jnp.isfinite(absmax))
+    values_finite = jnp.all(finite_blocks)
     if not double_quant:
-        return packed, absmax, None, None, all_finite
+        return packed, absmax, None, None, values_finite, jnp.bool_(True)
     qabsmax, nested_absmax, offset = blockwise8.quantize_scales(absmax)
-    return packed, qabsmax, nested_absmax, offset, all_finite
+    # Finite values can still overflow the float32 mean of their scales (two blocks of absmax 3e38).
+    scales_finite = jnp.isfinite(offset) & jnp.all(jnp.isfinite(nested_absmax))
+    return packed, qabsmax, nested_absmax, offset, values_finite, scales_finite
 
 
 def _describe_non_finite(x) -> str:
@@ -98,7 +105,12 @@ def _describe_non_finite(x) -> str:
     return f"{nan} NaN and {inf} Inf values (first at index {first})"
 
 
-def quantize_4bit(x, *, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False) -> QuantizedTensor:
+def _concrete_false(flag) -> bool:
+    return not isinstance(flag, jax.core.Tracer) and not bool(flag)
+
+
+def quantize_4bit(x, *, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False,
+                  name: str | None = None) -> QuantizedTensor:
     """Quantize an array to 4 bits per element, blockwise, as bitsandbytes' CUDA kernel does.
 
     Args:
@@ -107,12 +119,15 @@ def quantize_4bit(x, *, blocksize: int = 64, quant_type: str = "nf4", double_qua
       blocksize: elements per scale, one of 32, 64 (default), 128, ..., 4096.
       quant_type: ``"nf4"`` (default) or ``"fp4"``.
       double_quant: also quantize the per-block scales to 8 bits (formats.md B.6).
+      name: what to call the tensor in errors (e.g. its checkpoint key).
 
     Returns:
       A `QuantizedTensor` of the same shape and dtype.
 
     Raises:
-      ValueError: unsupported blocksize, quant type or dtype; an empty tensor; NaN or Inf values.
+      ValueError: unsupported blocksize, quant type or dtype; an empty tensor; a NaN or Inf anywhere
+        (the message names the tensor, its shape and the first bad index); block scales whose
+        double quantization overflows float32.
     """
     _check_arguments(blocksize, quant_type)
     # Check the dtype before jnp.asarray, which would silently turn float64 into float32.
@@ -122,13 +137,19 @@ def quantize_4bit(x, *, blocksize: int = 64, quant_type: str = "nf4", double_qua
     x = jnp.asarray(x)
     if x.size == 0:
         raise ValueError(f"cannot quantize an empty array (shape {tuple(x.shape)}); it needs at least one element")
-    packed, absmax, nested_absmax, offset, all_finite = _quantize_core(
+    packed, absmax, nested_absmax, offset, values_finite, scales_finite = _quantize_core(
         x, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant
     )
-    if not isinstance(all_finite, jax.core.Tracer) and not bool(all_finite):
+    what = "an array" if name is None else f"'{name}'"
+    if _concrete_false(values_finite):
         raise ValueError(
-            f"cannot quantize an array of shape {tuple(x.shape)} with {_describe_non_finite(x)}; "
+            f"cannot quantize {what} of shape {tuple(x.shape)} with {_describe_non_finite(x)}; "
             "4-bit quantization needs finite values"
+        )
+    if _concrete_false(scales_finite):
+        raise ValueError(
+            f"cannot double-quantize the block scales of {what} of shape {tuple(x.shape)}: their float32 mean "
+            f"({float(offset)}) is not finite: the values are too large for double quantization (use double_quant=False)"
         )
     return QuantizedTensor(
         packed,

@@ -213,8 +213,30 @@ def test_export_peft_merged_and_bnb(capsys, tmp_path, tiny_model_dir, trained_ru
                                   np.asarray(requantized(jnp.asarray(ids.numpy()))))
 
 
+def test_export_merged_in_another_dtype_and_shards(capsys, tmp_path, tiny_model_dir, trained_run):
+    from safetensors.numpy import load_file
+
+    assert run_cli(capsys, "export", trained_run, "--merged", tmp_path / "f32", "--max-shard-size", "2MB")[0] == 0
+    assert run_cli(capsys, "export", trained_run, "--merged", tmp_path / "bf16", "--dtype", "bfloat16")[0] == 0
+    index = json.loads((tmp_path / "f32" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    as_f32 = {}
+    for name in set(index["weight_map"].values()):
+        as_f32.update(load_file(tmp_path / "f32" / name))
+    as_bf16 = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert as_bf16.keys() == as_f32.keys()
+    for key, value in as_f32.items():  # one rounding of the float32 export
+        assert as_bf16[key].tobytes() == value.astype(as_bf16[key].dtype).tobytes() and as_bf16[key].dtype.name == "bfloat16", key
+
+
 def test_export_errors(capsys, tmp_path, trained_run):
     assert_one_line_error(*run_cli(capsys, "export", tmp_path / "none", "--peft", tmp_path / "o")[::2], "none")
     assert_one_line_error(*run_cli(capsys, "export", trained_run, "--peft", tmp_path / "a",
                                    "--merged", tmp_path / "b")[::2], "exactly one")
     assert_one_line_error(*run_cli(capsys, "export", tmp_path, "--merged", tmp_path / "b")[::2], "adapter_config.json")
+    assert_one_line_error(*run_cli(capsys, "export", trained_run, "--merged", tmp_path / "b", "--max-shard-size", "5 apples")[::2],
+                          "5 apples")
+    assert_one_line_error(*run_cli(capsys, "export", trained_run, "--peft", tmp_path / "c", "--dtype", "float16")[::2],
+                          "dtype applies to merged exports")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -227,3 +227,20 @@ def test_fp4_thresholds_are_cudas_literals():
     # Not the exact midpoints (formats.md B.3 table).
     midpoints = [0x3B2AAAAB, 0x3DB00000, 0x3E555556, 0x3E955556, 0x3ED55556, 0x3F155556, 0x3F555556]
     assert bits(f32(expected)).tolist() != midpoints
+
+
+@pytest.mark.parametrize("offset", [None, 0.5], ids=["mean-offset", "given-offset"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "+inf", "-inf"])
+def test_a_non_finite_scale_makes_its_nested_scale_nan(bad, offset):
+    # 600 scales: nested blocks [0, 256), [256, 512) and a partial [512, 600). XLA's fused max alone
+    # would drop a NaN that is not the last of its block, and the caller (quantize_4bit) would store
+    # finite garbage; a given (finite) offset does not propagate it either.
+    quantize = jax.jit(quantize_scales)
+    for index in (0, 100, 255, 256, 300, 511, 512, 550, 599):
+        absmax = np.full(600, 0.5, np.float32)
+        absmax[index] = bad
+        _, nested, _ = quantize(jnp.asarray(absmax), None if offset is None else jnp.float32(offset))
+        nested = np.asarray(nested)
+        assert np.isnan(nested[index // 256]), (index, nested)
+        if offset is not None:  # the other blocks are untouched
+            assert np.all(np.delete(nested, index // 256) == 0.0), (index, nested)

@@ -445,7 +445,7 @@ def test_non_integer_blocksize(dq_arrays):
 
 @pytest.mark.parametrize(
     "modules",
-    ["torch_bridge.bnb_state, torch_bridge.bnb, torch_bridge", "jaxlora, jaxlora.quant, jaxlora.nn"],
+    ["torch_bridge.bnb_state, torch_bridge.bnb, torch_bridge, torch_bridge.merged_checkpoint", "jaxlora, jaxlora.quant, jaxlora.nn"],
 )
 def test_import_does_not_import_torch(modules):
     code = (

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlora.models import ConfigError
 from jaxlora.nn import Linear4bit
@@ -113,6 +116,13 @@ def test_bitsandbytes_prequantized_checkpoint_both_ways(tmp_path, torch_device):
     np.testing.assert_array_equal(np.asarray(layer.quantized.absmax), stored[key + ".absmax"])
     np.testing.assert_array_equal(np.asarray(layer.quantized.nested_absmax), stored[key + ".nested_absmax"])
 
+    # Every leaf of every stored 4-bit weight is on the device, not a numpy array copied at each call.
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, Linear4bit)]
+    assert len(layers) == 7 * hf.config.num_hidden_layers
+    for module in layers:
+        leaves = jax.tree.leaves(module.quantized)
+        assert len(leaves) == 4 and all(isinstance(leaf, jax.Array) for leaf in leaves), [type(x) for x in leaves]
+
     out = save_llama(model, tmp_path / "out", quantization="bnb-nf4")
     written = read_all(out)
     for k in stored:
@@ -123,6 +133,19 @@ def test_bitsandbytes_prequantized_checkpoint_both_ways(tmp_path, torch_device):
     theirs = bnb_reference_dequantize(proj.weight.data, proj.weight.quant_state, torch_device)
     ours = np.asarray(dequantize_4bit(layer.quantized).astype(jnp.float32))
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.reshape(ours.shape).view(np.uint32))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_non_finite_projection_fails_to_quantize_naming_its_key(tmp_path, quantize, bad):
+    hf = hf_model("gqa-untied")
+    hf.save_pretrained(tmp_path / "hf")
+    state = read_all(tmp_path / "hf")
+    key = "model.layers.1.mlp.down_proj.weight"
+    state[key][3, 5] = bad  # not the last element of its block: a check on block maxima misses it
+    safetensors_numpy.save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path / 'hf'))}: cannot quantize '{re.escape(key)}' of shape \(64, 96\).*first at index \[3, 5\]"):
+        load_llama(tmp_path / "hf", quantize=quantize)
 
 
 def test_save_dense_model_as_bitsandbytes_4bit(tmp_path):
