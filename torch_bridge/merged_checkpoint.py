@@ -2,6 +2,7 @@
 
     W' = W + s B A                                          LoRA (s = lora_alpha / r, or / sqrt(r) with rsLoRA)
     W' = (m / ||W + s B A||_row)[:, None] * (W + s B A)       DoRA (m: the adapter's magnitude vector)
+    b' = b + s b_B                                            lora_bias (PEFT's bias on lora_B)
 
 Each base tensor is read from the safetensors files when the writer reaches it; if the adapter
 targets it, it is merged in float32 (a bitsandbytes 4-bit tensor is dequantized to float32 first),
@@ -51,7 +52,7 @@ from torch_bridge.peft import PREFIX, AdapterFileError, adapter_tensors, load_pe
 
 # The adapter tensors of a LoRA layer that the merge folds in; any other one (a newer PEFT option)
 # is refused rather than dropped.
-_MERGED_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+_MERGED_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
 
 
 def write_merged_checkpoint(base_dir, adapter_dir, out, *, dtype: str | None = None, quantization: str | None = None,
@@ -95,9 +96,21 @@ def write_merged_checkpoint(base_dir, adapter_dir, out, *, dtype: str | None = N
 
 
 def _split_adapter(peft_model, shapes: dict, adapter_dir: Path) -> tuple[dict[str, LoraLinear], dict[str, np.ndarray]]:
-    """``({weight key: LoRA layer}, {base key: modules_to_save value})`` of the active adapter."""
+    """``({weight or bias key: LoRA layer}, {base key: modules_to_save value})`` of the active adapter.
+
+    A layer with a lora_B bias is listed under its base bias key too; a base without that bias cannot
+    take it (PEFT refuses that merge too).
+    """
     name = peft_model.active_adapter
     modules = {module: layer for module, layer in peft_model.lora_layers().items() if name in layer.lora_A}
+    merged = {f"{module}.weight": layer for module, layer in modules.items()}
+    for module, layer in modules.items():
+        if name in layer.lora_B_bias:
+            if f"{module}.bias" not in shapes:
+                raise AdapterFileError(f"{adapter_dir}: '{PREFIX}{module}.lora_B.bias' (lora_bias) cannot be merged: the "
+                                       f"base module {module} has no bias (out_features={layer.out_features}); export "
+                                       "the adapter with --peft instead")
+            merged[f"{module}.bias"] = layer
     replacements = {}
     for key, value in adapter_tensors(peft_model, name).items():
         module_key = key[len(PREFIX):]
@@ -110,7 +123,7 @@ def _split_adapter(peft_model, shapes: dict, adapter_dir: Path) -> tuple[dict[st
         if module_key not in shapes:
             raise AdapterFileError(f"{adapter_dir}: modules_to_save tensor '{key}' has no base parameter '{module_key}'")
         replacements[module_key] = value
-    return {f"{module}.weight": layer for module, layer in modules.items()}, replacements
+    return merged, replacements
 
 
 class _Merge:
@@ -168,19 +181,22 @@ class _Merge:
                 stored = np.asarray(dequantize_4bit(jax.device_put(stored)))
             return stored.astype(out_dtype, copy=False)
         if isinstance(stored, QuantizedTensor):
-            weight = dequantize_4bit(jax.device_put(stored), jnp.float32)
+            value = dequantize_4bit(jax.device_put(stored), jnp.float32)
         else:
-            weight = jnp.asarray(stored).astype(jnp.float32)
-        return np.asarray(_merged_weight(layer, weight)).astype(out_dtype)
+            value = jnp.asarray(stored).astype(jnp.float32)
+        if key.endswith(".bias"):
+            return np.asarray(_merged(layer, "bias", value, layer.merged_bias)).astype(out_dtype)
+        return np.asarray(_merged(layer, "weight", value, layer.merged_weight)).astype(out_dtype)
 
 
-def _merged_weight(layer: LoraLinear, weight: jax.Array) -> jax.Array:
-    """``layer.merged_weight()`` with ``weight`` (float32 ``[out, in]``) as its base weight for this one call."""
-    variable = layer.base.weight
+def _merged(layer: LoraLinear, which: str, value: jax.Array, merge) -> jax.Array:
+    """``merge()`` (the layer's merged_weight or merged_bias) with ``value`` (float32) as the base's
+    ``which`` ("weight" or "bias") for this one call: the shape-only base holds stand-ins."""
+    variable = getattr(layer.base, which)
     stand_in = variable.get_value()
-    variable.set_value(weight)
+    variable.set_value(value)
     try:
-        return layer.merged_weight()
+        return merge()
     finally:
         variable.set_value(stand_in)
 

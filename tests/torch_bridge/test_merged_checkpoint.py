@@ -233,3 +233,32 @@ def test_errors_name_the_key_and_leave_nothing_behind(tmp_path, bases, adapters)
     with pytest.raises(CheckpointError, match=r"match no parameter.*extra"):
         write_merged_checkpoint(broken, adapters / "all-linear", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "extra", "missing", "shape"]
+
+
+def test_lora_bias_merges_into_the_base_bias(tmp_path):
+    """lora_bias: b' = b + s b_B, as PEFT's merge; a base without that bias cannot take it (PEFT refuses too)."""
+    hf_model("bias").save_pretrained(tmp_path / "base")
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "up_proj"], lora_bias=True)
+    theirs = peft_model_of(hf_model("bias"), config)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                param.copy_(torch.randn_like(param))  # nonzero, so that the merged biases differ from the base's
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = write_merged_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "ours")
+    expected = load_merge_save(tmp_path / "base", tmp_path / "adapter", tmp_path / "expected")
+    assert_same_tensors(read_all(ours), read_all(expected))
+    base = read_all(tmp_path / "base")
+    assert not np.array_equal(read_all(ours)["model.layers.0.self_attn.q_proj.bias"], base["model.layers.0.self_attn.q_proj.bias"])
+    exported = transformers.AutoModelForCausalLM.from_pretrained(ours).eval()
+    reference = theirs.merge_and_unload()
+    ids = torch.tensor(IDS % 64)
+    with torch.no_grad():
+        got, want = exported(ids).logits.numpy(), reference(ids).logits.numpy()
+    err = np.abs(got - want).max()  # the same float32 summation-order bound as above
+    assert err <= 1e-5 * np.abs(want).max() and err <= 1e-4, err
+
+    hf_model("gqa-untied").save_pretrained(tmp_path / "base-untied")
+    peft_model_of(hf_model("gqa-untied"), config).save_pretrained(tmp_path / "no-base-bias")
+    with pytest.raises(AdapterFileError, match=r"lora_B\.bias' \(lora_bias\) cannot be merged.*has no bias"):
+        write_merged_checkpoint(tmp_path / "base-untied", tmp_path / "no-base-bias", tmp_path / "out")
