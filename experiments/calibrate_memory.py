@@ -234,14 +234,17 @@ def notes(results: list[tuple[dict, dict]]) -> list[str]:
         "- **Gradient checkpointing saves little on XLA's CPU backend.** XLA's temporaries with checkpointing over "
         "without: " + ", ".join(ckpt) + f"; peak RSS with over without: {min(peak_ckpt):.2f}-{max(peak_ckpt):.2f}. The "
         "estimator counts checkpointed CPU runs as unchecked (jaxlora/cli/memory.py explains why).",
-        "- **The activation term is XLA's choice.** The formula counts what the backward pass needs; XLA's CPU buffer "
-        "assignment keeps " + f"{min(act):.2f}-{max(act):.2f}" + "x of the fitted estimate depending on the token "
-        "count and checkpointing (column XLA temp vs estimated activations): one fitted factor cannot follow that; "
-        "the storage terms are exact, and the totals stay within the ratios above.",
+        "- **The activation term counts what XLA keeps.** The estimator's per-layer term is the bytes a decoder layer "
+        "keeps in XLA's compiled step, to the byte in float32 (experiments/results/memory_activations.md); the "
+        "fitted factor stands for the working set at the peak (the last layer's gradients), about the same amount at "
+        "both token counts, so XLA's temporaries are " + f"{min(act):.2f}-{max(act):.2f}" + "x the fitted estimate "
+        "(column XLA temp vs estimated activations, checkpointed runs included).",
         (f"- **Runtime constant.** RSS after importing jax: {results[0][1]['rss_jax'] / MIB:,.0f} MiB; loading leaves "
         f"{min(loader):,.0f}-{max(loader):,.0f} MiB beyond the arrays, compiling adds {min(compiler):,.0f}-{max(compiler):,.0f} "
         "MiB of compiler heap that the allocator keeps; the fitted constant is all of that plus fragmentation. It is "
-        "a CPU figure for a 30-layer model."),
+        "a CPU figure for a 30-layer model. QLoRA's and checkpointed programs leave a bigger compiler heap, which one "
+        "constant cannot follow: the LoRA runs come out below the estimate, the QLoRA runs above it "
+        "(tests/cli/test_memory.py derives its tolerance from these spreads)."),
         ("- **GPU rows are not measured** (no GPU for this study): the runtime (1 GiB) is an assumption and the "
         "activation factor is the CPU one. Weights, constants, adapters, gradients and optimizer state are exact. "
         "The update transient assumes the offloaded AdamW moments are all on the device during the update "

@@ -34,11 +34,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlora.cli.export import ExportError
     from jaxlora.data.templates import TemplateError
     from jaxlora.train.trainer import ModelPathError, TrainingError
+    from jaxlora.quickstart.run import QuickstartDirectoryError
     from torch_bridge.checkpoint import CheckpointError
     from torch_bridge.peft import AdapterFileError
 
     return (UserError, ConfigError, AdapterError, ExportError, ModelPathError, TrainingError, TrainConfigError,
-            DataError, TemplateError, CheckpointError, AdapterFileError,
+            DataError, TemplateError, CheckpointError, AdapterFileError, QuickstartDirectoryError,
             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 

@@ -19,37 +19,56 @@ Storage (exact, bytes; ``n`` = elements of one decoder projection, per tensor):
   in experiments/results/memory.md before the fix). `make_train_step` now returns only what changes
   (the dropout RNG state): 0, the default.
 
-Activations (bytes), ``T = batch * seq`` tokens, ``c`` = itemsize of the compute dtype, ``H``
-hidden, ``I`` intermediate, ``q = heads * head_dim``, ``kv = kv_heads * head_dim``, ``V`` vocab:
+Activations (bytes), ``T = batch * seq`` tokens, ``c`` = itemsize of the compute dtype, ``a`` = 4
+(float32 LoRA weights and inputs, PEFT's adapter dtype), ``H`` hidden, ``I`` intermediate,
+``q = heads * head_dim``, ``kv = kv_heads * head_dim``, ``V`` vocab, ``A`` the adapted projections:
 
-    layer, per token:  c * (4 H + 2 q + 2 kv + 5 I)         what the backward pass needs (below)
-                     + 4 * heads * seq                      float32 attention probabilities
-                     + 4 * sum(r over adapted projections)  x A^T of each LoRA branch (float32)
-                     + 4 * (distinct LoRA inputs) if c != 4 their float32 copies (adapter dtype)
-                     + 8                                    two RMSNorm 1/rms values (float32)
-    loss:              4 * chunk * V + 2 * c * H * T        `jaxlora.train.step.chunked_cross_entropy`:
-                                                            one [chunk, V] float32 block of logits
-                                                            (XLA writes their gradient in place), the
-                                                            final hidden states and their gradient
-                                                            (chunk = 256, T rounded up to chunks)
+    layer, per token:  c * (2 H + q + 2 kv + 3 I)     always kept (below)
+                     + 4 * heads * seq + 16            float32 attention probabilities; RMSNorm statistics
+                     + a * H   if A has q/k/v_proj     their input (input_layernorm's output)
+                     + a * q   if A has o_proj         its input (the attention output)
+                     + a * H   if A has gate/up_proj   their input (post_attention_layernorm's output)
+                     + a * I   if A has up_proj        up's LoRA output, kept beside the base output
+                     + a * I   if A has down_proj      its input, silu(gate) * up
+                     + a * r   per adapted projection  x A^T of each LoRA branch
+    (full fine-tuning: every projection's input, c * (2 H + q + I), for its weight gradient, and the
+    two normalised values before the norm weights, 2 c H, for theirs; no LoRA terms)
+    first layer:       c * H + 8 less                  (its input and input_layernorm's statistics:
+                                                        no gradient flows into a frozen embedding)
+    loss:              4 * chunk * V + 2 * c * H * T   `jaxlora.train.step.chunked_cross_entropy`:
+                                                       one [chunk, V] float32 block of logits (XLA
+                                                       writes their gradient in place), the final
+                                                       hidden states and their gradient (chunk = 256,
+                                                       T rounded up to chunks)
                        T * (2 * 4 * V + c * V) if lm_head carries LoRA (whole logits, no chunking)
     transient:         one dequantized projection in the compute dtype (QLoRA), or one cast copy when
                        the parameter dtype is not the compute dtype
-    without checkpointing:  factor * (L * T * layer + loss + transient)
+    without checkpointing:  factor * (L * T * layer - T * first-layer saving + loss + transient)
     with checkpointing:     factor * (L * T * c * H + max(T * layer, loss) + transient)   ("gpu" only)
 
-What the backward pass needs from a decoder layer: its input and the input_layernorm output (H),
-the residual after attention and the post_attention_layernorm output (H), the rotated queries and
-the attention output (q), keys and values (kv), gate, up, sigmoid(gate), silu(gate) and their
-product (5 I: what JAX's linearization of SwiGLU keeps), the float32 softmax probabilities
-``[heads, seq]`` per token (the only ``[s, k]`` residual of `jaxlora.models.llama.grouped_attention`).
+What XLA keeps from a decoder layer for the backward pass, read from the live buffers at the peak of
+the compiled step and confirmed by how XLA's temporary bytes grow with each dimension and each set of
+adapted projections (experiments/activation_memory.py, experiments/results/memory_activations.md;
+float32: the formula above to the byte): the layer input and the residual after attention (H each,
+for the RMSNorms' backward), the rotated queries (q), keys and values (kv each), the float32 softmax
+probabilities ``[heads, seq]`` per token (`jaxlora.models.llama.grouped_attention`'s only
+``[s, k]`` residual), the RMSNorms' 1/rms and mean square (4 float32 per token), and in the MLP
+three intermediate-size arrays: sigmoid(gate) and silu(gate), and up. `jaxlora.models.llama.swiglu`'s
+custom gradient keeps only gate and up as its residuals and recomputes the sigmoid, but XLA merges
+that recomputation with the forward pass's identical one (common-subexpression elimination), so
+the forward's sigmoid(gate) and silu(gate) stay alive instead of gate; and an adapted up_proj's
+output ``base + lora`` is never one buffer: the sum is fused into its consumers, which keeps both
+addends. A LoRA branch keeps its (float32) input for the gradient of A and ``x A^T`` for the
+gradient of B; frozen projections keep nothing (`jaxlora.nn.linear4bit.quantized_matmul` keeps the
+4-bit weight, which is stored anyway). With a 16-bit compute dtype XLA's CPU backend keeps some of
+these in float32 (excess precision): up to 15 % above the formula in the measurements.
 
-``factor`` (``ACTIVATION_FACTOR``) is what XLA keeps beyond that minimum: fitted, as the geometric
-mean of XLA's own memory analysis (temporary buffers of the compiled step) over the formula, on the
-SmolLM2-135M runs without checkpointing of experiments/results/memory.md. XLA's temporaries of
-those runs are 0.74-1.13 times the fitted estimate: its CPU buffer assignment is not linear in the
-token count (the scheduler trades memory for concurrency differently at different sizes). The GPU
-uses the same factor, unmeasured.
+``factor`` (``ACTIVATION_FACTOR``) covers what XLA holds at the peak beyond what is kept: the working
+set of the last layer's backward pass (its gradients, ~50 MiB for SmolLM2-135M, about the same at
+2x256 and 8x256 tokens): fitted, as the geometric mean of XLA's own memory analysis (temporary
+buffers of the compiled step) over the formula, on the SmolLM2-135M runs without checkpointing of
+experiments/results/memory.md, whose temporaries, with and without checkpointing, are 0.98-1.02
+times the fitted estimate. The GPU uses the same factor, unmeasured.
 
 Gradient checkpointing on XLA's CPU backend saves far less than the formula says: the barrier that
 keeps a layer's recomputation in the backward pass is removed before scheduling, and the scheduler
@@ -85,18 +104,21 @@ PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}  # jax device platforms that m
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Fitted on experiments/results/memory.md (CPU) / assumed (GPU); see the module docstring.
-RUNTIME_BYTES = {"cpu": 1098 * 2**20, "gpu": 1 * GIB}
+RUNTIME_BYTES = {"cpu": 1099 * 2**20, "gpu": 1 * GIB}
 OPTIMIZER_COUNTERS = 8  # int32 step counts of scale_by_adam and of the learning-rate schedule
 ADAPTER_BYTES = 4  # LoRA weights are float32 (PEFT's autocast_adapter_dtype)
 
-# Saved tensors per decoder layer and token, in units of one row of each width (module docstring).
-SAVED_HIDDEN, SAVED_QUERY, SAVED_KEY_VALUE, SAVED_INTERMEDIATE = 4, 2, 2, 5
+# What every decoder layer keeps per token, in rows of each width, whatever is adapted (module docstring):
+# the layer input and the residual after attention; rotated queries; keys and values; sigmoid(gate),
+# silu(gate) and up.
+KEPT_HIDDEN, KEPT_QUERY, KEPT_KEY_VALUE, KEPT_INTERMEDIATE = 2, 1, 2, 3
+NORM_STATISTICS_BYTES = 16  # float32 1/rms and mean square of both RMSNorms
 LOSS_CHUNK_COPIES = 1  # one [chunk, V] float32 block: XLA writes the softmax gradient over the logits
 LOGITS_COPIES = 2  # unchunked: the whole logits (kept for the backward pass) and their gradient
-# What XLA keeps beyond the tensors the backward pass needs: fitted on the XLA memory analysis of
-# the 4 SmolLM2 runs without checkpointing in experiments/results/memory.md (CPU); the GPU uses the
-# same factor (not measured).
-ACTIVATION_FACTOR = {"cpu": 1.036, "gpu": 1.036}
+# What XLA holds at the peak beyond what the layers keep (the last layer's backward working set):
+# fitted on the XLA memory analysis of the 4 SmolLM2 runs without checkpointing in
+# experiments/results/memory.md (CPU); the GPU uses the same factor (not measured).
+ACTIVATION_FACTOR = {"cpu": 1.038, "gpu": 1.038}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +211,11 @@ class MemoryEstimate:
     optimizer_transient: int = 0
     """Offloaded moments brought to the device for the update (activations are freed by then)."""
     platform: str = "cpu"
+    """The device kind the estimate is for: "cpu" (host RAM is the device) or "gpu"."""
+    dtype: str = "float32"
+    """Parameter dtype of the dense base weights."""
+    compute_dtype: str = "float32"
+    """Dtype of the activations."""
 
     def total(self) -> int:
         """Every resident term, plus the larger of the activations and the optimizer transient (the
@@ -293,7 +320,7 @@ def estimate_memory(shape: ModelShape, *, method: str = "qlora", rank: int = 16,
     moments = 2 * trainable + OPTIMIZER_COUNTERS
     frozen = 0 if method == "full" else frozen_state_copies * (weights + constants)
 
-    activations = _activations(shape, names, rank, batch, seq, c, grad_ckpt and platform == "gpu")
+    activations = _activations(shape, names, rank, batch, seq, c, grad_ckpt and platform == "gpu", method == "full")
     if method == "qlora" or param_bytes != c:  # one dequantized (or cast) projection at a time
         activations += max(o * i for o, i in projections.values()) * c
     activations = math.ceil(ACTIVATION_FACTOR[platform] * activations)
@@ -301,21 +328,29 @@ def estimate_memory(shape: ModelShape, *, method: str = "qlora", rank: int = 16,
         weights=weights, quant_constants=constants, adapters=adapters, gradients=trainable,
         optimizer_states=0 if offload else moments, optimizer_states_host=moments if offload else 0,
         activations=activations, runtime=RUNTIME_BYTES[platform], frozen_copies=frozen,
-        optimizer_transient=moments if offload else 0, platform=platform)
+        optimizer_transient=moments if offload else 0, platform=platform, dtype=dtype, compute_dtype=compute_dtype)
 
 
-def _layer_bytes_per_token(shape: ModelShape, names: tuple[str, ...], rank: int, seq: int, c: int) -> int:
-    """What the backward pass needs from one decoder layer, per token (module docstring)."""
+def _layer_bytes_per_token(shape: ModelShape, names: tuple[str, ...], rank: int, seq: int, c: int, full: bool) -> int:
+    """What one decoder layer keeps for the backward pass, per token (module docstring)."""
     h, heads = shape.hidden_size, shape.num_attention_heads
     q, kv, i = heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim, shape.intermediate_size
-    saved = c * (SAVED_HIDDEN * h + SAVED_QUERY * q + SAVED_KEY_VALUE * kv + SAVED_INTERMEDIATE * i)
-    saved += 4 * heads * seq + 2 * 4  # float32 attention probabilities; RMSNorm 1/rms
-    saved += ADAPTER_BYTES * rank * sum(1 for n in names if n != "lm_head")
-    if c != ADAPTER_BYTES:  # float32 copies of the distinct LoRA inputs (q/k/v share one, gate/up share one)
-        inputs = {"q_proj": ("attn_in", h), "k_proj": ("attn_in", h), "v_proj": ("attn_in", h), "o_proj": ("attn_out", q),
-                  "gate_proj": ("mlp_in", h), "up_proj": ("mlp_in", h), "down_proj": ("mlp_mid", i)}
-        saved += ADAPTER_BYTES * sum(dict(inputs[n] for n in names if n in inputs).values())
-    return saved
+    kept = c * (KEPT_HIDDEN * h + KEPT_QUERY * q + KEPT_KEY_VALUE * kv + KEPT_INTERMEDIATE * i)
+    kept += 4 * heads * seq + NORM_STATISTICS_BYTES
+    adapted = set(names) - {"lm_head"}
+    if full:  # every projection's input for its weight gradient; the norms' inputs times 1/rms for theirs
+        return kept + c * (h + q + h + i) + 2 * c * h
+    inputs = {"attention input": (h, {"q_proj", "k_proj", "v_proj"}), "attention output": (q, {"o_proj"}),
+              "mlp input": (h, {"gate_proj", "up_proj"}), "up's LoRA output": (i, {"up_proj"}),
+              "mlp product": (i, {"down_proj"})}
+    kept += ADAPTER_BYTES * sum(width for width, readers in inputs.values() if adapted & readers)
+    return kept + ADAPTER_BYTES * rank * len(adapted)
+
+
+def _first_layer_saving(shape: ModelShape, c: int) -> int:
+    """Per token: the first layer keeps neither its input nor input_layernorm's statistics (the
+    embedding is frozen, so no gradient flows below it)."""
+    return c * shape.hidden_size + NORM_STATISTICS_BYTES // 2
 
 
 def _loss_bytes(shape: ModelShape, names: tuple[str, ...], rank: int, tokens: int, c: int) -> int:
@@ -328,21 +363,29 @@ def _loss_bytes(shape: ModelShape, names: tuple[str, ...], rank: int, tokens: in
     return tokens * per_token
 
 
-def _activations(shape: ModelShape, names: tuple[str, ...], rank: int, batch: int, seq: int, c: int, checkpointed: bool) -> int:
+def _activations(shape: ModelShape, names: tuple[str, ...], rank: int, batch: int, seq: int, c: int, checkpointed: bool,
+                 full: bool) -> int:
     tokens = batch * seq
-    layer = tokens * _layer_bytes_per_token(shape, names, rank, seq, c)
+    layer = tokens * _layer_bytes_per_token(shape, names, rank, seq, c, full)
     loss = _loss_bytes(shape, names, rank, tokens, c)
     if checkpointed:  # layer inputs saved; one layer recomputed at a time, after the loss is done
         return tokens * shape.num_hidden_layers * c * shape.hidden_size + max(layer, loss)
-    return shape.num_hidden_layers * layer + loss
+    first_layer_saving = 0 if full else tokens * _first_layer_saving(shape, c)  # full: the embedding trains
+    return shape.num_hidden_layers * layer - first_layer_saving + loss
 
 
 def format_estimate(est: MemoryEstimate, title: str = "") -> str:
-    """A GiB table of the estimate, for printing."""
+    """A GiB table of the estimate, for printing, with the device kind and dtypes it assumes."""
     lines = [title] if title else []
     lines += [f"  {name:<22} {gib:10.3f} GiB" for name, gib in est.rows() if gib or name == "total"]
     where = "host RAM = device" if est.platform == "cpu" else "device; host-offloaded state not included"
     lines.append(f"  (total: {where})")
+    if est.platform == "cpu":
+        lines.append("  device: CPU, host RAM (runtime and activation factor fitted on SmolLM2-135M runs on a CPU)")
+    else:
+        lines.append(f"  device: GPU (runtime {est.runtime / GIB:.2f} GiB for the CUDA context, workspace and executable: "
+                     "an assumption, not measured on a GPU; activation factor fitted on CPU runs)")
+    lines.append(f"  dtypes: parameters {est.dtype}, activations {est.compute_dtype}, LoRA weights float32")
     return "\n".join(lines)
 
 

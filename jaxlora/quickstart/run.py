@@ -12,7 +12,9 @@
 6. load the adapter with PEFT on transformers' model (bitsandbytes NF4, same stored weights) in a
    child process and compare its greedy answers with jaxlora's.
 
-The run directory is replaced on each run (an old checkpoint would otherwise resume).
+The run directory is replaced on each run (an old checkpoint would otherwise resume), but only what
+a quickstart writes is removed: `prepare_output_dir` refuses a non-empty directory that is not an
+earlier quickstart run, and in one that is, removes `QUICKSTART_OUTPUTS` and leaves anything else.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +38,59 @@ EXAMPLES = 3
 MAX_NEW_TOKENS = 40
 GENERATION_BATCH = 50
 QUICK_HELDOUT = 100
+
+
+QUICKSTART_OUTPUTS = ("quickstart.json", "checkpoints", "adapter", "best_adapter", "metrics.jsonl", "loss.png",
+                      "summary.json")
+"""What a quickstart writes in its output directory (the trainer's run files and the report)."""
+REPORT = "quickstart.json"
+WRITTEN_BY = "jaxlora quickstart"
+_LEGACY_REPORT_KEYS = {"steps", "heldout_examples", "before", "after", "adapter"}  # reports written before WRITTEN_BY
+_ATOMIC_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")  # `jaxlora.atomic`'s temporary names
+
+
+class QuickstartDirectoryError(ValueError):
+    """The output directory holds files that a quickstart did not write."""
+
+
+def _is_quickstart_run(run_dir: Path) -> bool:
+    try:
+        report = json.loads((run_dir / REPORT).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and (report.get("written_by") == WRITTEN_BY or _LEGACY_REPORT_KEYS <= set(report))
+
+
+def prepare_output_dir(run_dir: Path) -> list[str]:
+    """Make ``run_dir`` ready for a quickstart run; returns the names it removed (sorted).
+
+    A missing or empty directory is used as it is. A directory with a ``quickstart.json`` that a
+    quickstart wrote (it is written at the start of a run too, so an interrupted run counts) loses
+    the entries named in `QUICKSTART_OUTPUTS` and the temporary files of their atomic writes;
+    everything else in it stays. Any other non-empty directory, or a path that is not a directory,
+    raises `QuickstartDirectoryError` and is left untouched.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QuickstartDirectoryError(f"--output-dir {run_dir}: not a directory")
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return []
+    if not _is_quickstart_run(run_dir):
+        raise QuickstartDirectoryError(
+            f"--output-dir {run_dir} is not empty and is not an earlier quickstart run (no {REPORT} written by "
+            f"{WRITTEN_BY}); the quickstart replaces only its own files: give a new or empty directory")
+    removed = []
+    for entry in sorted(run_dir.iterdir()):
+        temporary = _ATOMIC_TEMPORARY.match(entry.name)
+        if entry.name not in QUICKSTART_OUTPUTS and not (temporary and temporary["name"] in QUICKSTART_OUTPUTS):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()  # a file, or a link (removed, never followed)
+        removed.append(entry.name)
+    return removed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +216,11 @@ def quickstart(options: QuickstartOptions = QuickstartOptions()) -> dict:
     t0 = time.time()
     config = train_config(options)
     run_dir = Path(options.output_dir)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    removed = prepare_output_dir(run_dir)
+    atomic_write_json(run_dir / REPORT, {"written_by": WRITTEN_BY, "status": "running"}, indent=2)
     _say("== jaxlora quickstart: QLoRA (NF4 + double quant, LoRA r=16 on all linear layers) on SmolLM2-135M-Instruct")
+    if removed:
+        _say(f"replacing the earlier quickstart run in {run_dir}: removed {', '.join(removed)}")
     model_dir = resolve_model_path("smollm2")
     _say(f"model: {model_dir}")
     model, wrt, train_data, eval_data, _ = prepared = setup(config)
@@ -189,7 +247,7 @@ def quickstart(options: QuickstartOptions = QuickstartOptions()) -> dict:
     _say("\nexamples:")
     show_examples(held, before, after)
 
-    report = {"steps": summary["steps"], "heldout_examples": len(held.targets),
+    report = {"written_by": WRITTEN_BY, "status": "done", "steps": summary["steps"], "heldout_examples": len(held.targets),
               "before": dataclasses.asdict(before), "after": dataclasses.asdict(after),
               "adapter": str(run_dir / "adapter"), "loss_plot": str(run_dir / "loss.png")}
     if options.peft_check:
@@ -208,4 +266,4 @@ def quickstart(options: QuickstartOptions = QuickstartOptions()) -> dict:
     return report
 
 
-__all__ = ["QuickstartOptions", "quickstart"]
+__all__ = ["QUICKSTART_OUTPUTS", "QuickstartDirectoryError", "QuickstartOptions", "prepare_output_dir", "quickstart"]

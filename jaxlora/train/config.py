@@ -29,6 +29,7 @@ values parsed as TOML literals (falling back to a bare string).
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -208,30 +209,86 @@ def config_from_dict(tree: dict[str, Any], *, source: str = "config") -> TrainCo
 
 
 def read_config_tree(path) -> dict[str, Any]:
-    """The nested dict of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) config file, not yet validated."""
+    """The nested dict of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) config file, not yet validated.
+
+    A syntax error becomes a `TrainConfigError` that starts ``path:line:column:`` (1-based, as
+    compilers print it); a YAML mapping that repeats a key is one too (PyYAML would keep the last
+    value silently; TOML forbids it). Any other exception is not about the file and propagates as it is.
+    """
     path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise TrainConfigError(f"{path}: expected a .toml, .yaml or .yml file")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise TrainConfigError(f"{path}: cannot be read ({err.strerror})") from err
-    try:
-        if path.suffix == ".toml":
+    except UnicodeDecodeError as err:
+        raise TrainConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+    if path.suffix == ".toml":
+        try:
             tree = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
+        except tomllib.TOMLDecodeError as err:
+            raise _toml_syntax_error(path, text, err) from err
+    else:
+        import yaml
 
-            tree = yaml.safe_load(text) or {}
-        else:
-            raise TrainConfigError(f"{path}: expected a .toml, .yaml or .yml file")
-    except (tomllib.TOMLDecodeError, ImportError) as err:
-        raise TrainConfigError(f"{path}: {err}") from err
-    except Exception as err:  # yaml.YAMLError
-        if isinstance(err, TrainConfigError):
-            raise
-        raise TrainConfigError(f"{path}: not valid YAML ({err})") from err
+        try:
+            tree = yaml.load(text, Loader=_unique_key_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as err:
+            raise _yaml_syntax_error(path, err) from err
+        tree = {} if tree is None else tree  # an empty file
     if not isinstance(tree, dict):
         raise TrainConfigError(f"{path}: the top level must be a table of sections")
     return tree
+
+
+def _toml_syntax_error(path: Path, text: str, err: tomllib.TOMLDecodeError) -> TrainConfigError:
+    # Python 3.14's TOMLDecodeError has msg/lineno/colno; 3.11-3.13 put "(at line L, column C)" or
+    # "(at end of document)" at the end of the message (both 1-based).
+    message, line, column = getattr(err, "msg", None), getattr(err, "lineno", None), getattr(err, "colno", None)
+    if message is None or line is None:
+        message = str(err)
+        if match := re.search(r"\s*\(at line (\d+), column (\d+)\)$", message):
+            message, line, column = message[:match.start()], int(match[1]), int(match[2])
+        elif match := re.search(r"\s*\(at end of document\)$", message):
+            message, line, column = message[:match.start()], text.count("\n") + 1, len(text) - text.rfind("\n")
+    where = f"{path}:{line}:{column}" if line is not None else str(path)
+    return TrainConfigError(f"{where}: not valid TOML: {message}")
+
+
+def _yaml_syntax_error(path: Path, err) -> TrainConfigError:
+    """``path:line:column: problem (context at line:column)`` from PyYAML's marks (0-based there)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return TrainConfigError(f"{path}: not valid YAML: {err}")
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    also = f" ({context} at {context_mark.line + 1}:{context_mark.column + 1})" if context and context_mark else ""
+    return TrainConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}{also}")
+
+
+def _unique_key_yaml_loader():
+    """PyYAML's SafeLoader, except that a mapping with a repeated key is a ConstructorError at the repeat."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node):
+        first = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merge keys ("<<") may repeat and be overridden; non-scalar keys PyYAML rejects itself
+            key = loader.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first at {first[key].line + 1}:{first[key].column + 1})",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark
+        return loader.construct_mapping(node)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
 
 
 def load_config(path, overrides: list[str] = ()) -> TrainConfig:

@@ -12,8 +12,8 @@ hyper-parameter is explicit: optax's own weight-decay default (1e-4) differs fro
 from HF's TrainingArguments (0.0), so nothing here relies on a library default. As in HF's Trainer,
 biases and norm weights get no weight decay.
 
-Schedules are HF's (``get_scheduler``): linear warmup from 0, then constant, linear decay to 0, or
-half-cosine decay to 0 at ``total_steps``; the first update uses the schedule's value at step 0.
+Schedules are transformers' (``get_scheduler``), name for name and value for value:
+`jaxlora.train.schedules` has their formulas; the first update uses the schedule's value at step 0.
 
 Host offload (the stand-in for bitsandbytes' paged optimizers): the AdamW moments live in host
 memory (JAX memory kind ``pinned_host``) between steps; `offloaded_update` moves them to the device
@@ -28,12 +28,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("constant", "linear", "cosine")
+from jaxlora.train.schedules import check_schedule, make_schedule
+
 _NO_DECAY = re.compile(r"(bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.))")
 
 
@@ -51,18 +53,29 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0
     """Clip gradients to this global L2 norm (None: no clipping)."""
     lr_scheduler_type: str = "linear"
-    """"constant", "linear" or "cosine" (after warmup)."""
+    """transformers' schedule names: "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "constant" (no warmup), "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr"
+    (`jaxlora.train.schedules`)."""
+    lr_scheduler_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The schedule's own arguments, as TrainingArguments.lr_scheduler_kwargs: cosine: num_cycles (0.5);
+    cosine_with_restarts: num_cycles (1); polynomial: lr_end (1e-7), power (1.0); inverse_sqrt:
+    timescale (the warmup steps, or 10000 without warmup); cosine_with_min_lr: num_cycles (0.5) and
+    one of min_lr, min_lr_rate. Any other key is an error."""
     warmup_steps: int = 0
-    """Linear warmup steps; if 0, warmup_ratio * total_steps (rounded up, as HF does)."""
+    """Linear warmup steps (not with "constant")."""
     warmup_ratio: float = 0.0
+    """Warmup as a share of the total steps, rounded up as transformers does; not together with warmup_steps."""
     offload_optimizer_state: bool = False
     """Keep the AdamW moments in host memory between steps."""
 
     def __post_init__(self):
-        if self.lr_scheduler_type not in SCHEDULES:
-            raise ValueError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not supported; expected one of {SCHEDULES}")
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_steps must be >= 0 and warmup_ratio in [0, 1); got {self.warmup_steps}, {self.warmup_ratio}")
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            raise ValueError(f"warmup_steps = {self.warmup_steps} and warmup_ratio = {self.warmup_ratio} both set the "
+                             "warmup; set one of them")
+        check_schedule(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate, self.warmup_steps,
+                       self.warmup_ratio)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
 
@@ -71,23 +84,11 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """``lr(step)`` for step = 0, 1, ... (the number of updates already applied), HF's formulas."""
-    peak, warmup, kind = config.learning_rate, config.warmup(total_steps), config.lr_scheduler_type
-    decay_steps = max(1, total_steps - warmup)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        ramp = step / max(1, warmup)
-        progress = (step - warmup) / decay_steps
-        if kind == "constant":
-            after = jnp.float32(1.0)
-        elif kind == "linear":
-            after = jnp.maximum(0.0, (total_steps - step) / decay_steps)
-        else:
-            after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
-        return peak * jnp.where(step < warmup, ramp, after)
-
-    return schedule
+    """``lr(step)`` for step = 0, 1, ... (the number of updates already applied): transformers'
+    ``get_scheduler(lr_scheduler_type, num_warmup_steps=config.warmup(total_steps),
+    num_training_steps=total_steps, scheduler_specific_kwargs=lr_scheduler_kwargs)``."""
+    return make_schedule(config.lr_scheduler_type, config.learning_rate, config.warmup(total_steps), total_steps,
+                         config.lr_scheduler_kwargs)
 
 
 def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from jaxlora.train.config import TrainConfig, TrainConfigError, load_config
+from jaxlora.train.config import TrainConfig, TrainConfigError, load_config, read_config_tree
 
 TOML = '''
 [model]
@@ -64,7 +66,10 @@ def test_overrides(tmp_path):
     ("[model]\npaht = 'x'\n", r"unknown key\(s\) model\.paht"),
     ("[modle]\npath = 'x'\n", r"unknown section"),
     ("[lora]\nr = 'sixteen'\n", r"lora\.r.*'sixteen'"),
-    ("[optim]\nlr_scheduler_type = 'polynomial'\n", "lr_scheduler_type"),
+    ("[optim]\nlr_scheduler_type = 'cosine_annealing'\n", "lr_scheduler_type"),
+    ("[optim]\nlr_scheduler_type = 'constant'\nwarmup_steps = 5\n", r"c.toml: \[optim\] .*warmup_steps = 5.*'constant_with_warmup'"),
+    ("[optim]\nlr_scheduler_type = 'cosine'\nlr_scheduler_kwargs = {power = 2}\n", r"\['power'\] are not arguments"),
+    ("[optim]\nlr_scheduler_kwargs = 3\n", r"optim\.lr_scheduler_kwargs"),
     ("[run]\nmax_steps = 1.5\n", r"run\.max_steps"),
     ("[data]\noverlong = 'wrap'\n", "overlong"),
     ("[model]\npath = \n", "c.toml"),
@@ -99,3 +104,54 @@ def test_eval_file_with_a_split_of_train_file_is_ambiguous(tmp_path, split, keys
     assert load_config(tmp_path / "split.toml").data.eval_file is None
     with pytest.raises(TrainConfigError, match="data.eval_file = 'e.jsonl' and"):
         load_config(tmp_path / "split.toml", ["data.eval_file='e.jsonl'"])
+
+
+def test_scheduler_kwargs_from_toml_yaml_and_overrides(tmp_path):
+    (tmp_path / "c.toml").write_text("[optim]\nlr_scheduler_type = 'cosine_with_restarts'\nlr_scheduler_kwargs = { num_cycles = 3 }\n")
+    assert load_config(tmp_path / "c.toml").optim.lr_scheduler_kwargs == {"num_cycles": 3}
+    config = load_config(tmp_path / "c.toml", ["optim.lr_scheduler_kwargs={num_cycles = 2}"])
+    assert config.optim.lr_scheduler_kwargs == {"num_cycles": 2}
+    (tmp_path / "c.yaml").write_text("optim: {lr_scheduler_type: polynomial, lr_scheduler_kwargs: {power: 2.0, lr_end: 1.0e-6}}\n")
+    assert load_config(tmp_path / "c.yaml").optim.lr_scheduler_kwargs == {"power": 2.0, "lr_end": 1e-6}
+
+
+@pytest.mark.parametrize("name, text, where, problem", [
+    ("c.toml", "[model]\npath = \n", "2:8", "Invalid value"),  # the column where the value should start
+    ("c.toml", "[run]\nseed = 1\n[run]\n", "3:5", "Cannot declare"),  # tomllib points after the name
+    ("c.toml", "[optim]\nlearning_rate = [1,", "2:20", "Invalid value"),  # at the end of the document
+    ("c.yaml", "model: {path: smollm2\nrun: {}\n", "2:4", "expected ',' or '}'"),
+    ("c.yml", "run:\n  seed: 1\n   batch_size: 2\n", "3:14", "mapping values are not allowed here"),
+    ("c.yaml", "run:\n  seed: 1\n  seed: 2\n", "3:3", r"duplicate key 'seed' \(first at 2:3\)"),
+])
+def test_syntax_errors_name_file_line_and_column(tmp_path, name, text, where, problem):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(TrainConfigError, match=rf"^{re.escape(str(tmp_path / name))}:{where}: not valid (TOML|YAML): .*{problem}"):
+        load_config(tmp_path / name)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    (tmp_path / "c.yaml").write_text("base: &run {seed: 1, batch_size: 2}\nrun:\n  <<: *run\n  seed: 3\n")
+    assert read_config_tree(tmp_path / "c.yaml")["run"] == {"seed": 3, "batch_size": 2}
+
+
+def test_non_utf8_file(tmp_path):
+    (tmp_path / "c.toml").write_bytes(b"[model]\npath = '\xff'\n")
+    with pytest.raises(TrainConfigError, match=r"c.toml: not UTF-8 text \(byte 16"):
+        load_config(tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize("name, parser", [("c.toml", "tomllib.loads"), ("c.yaml", "yaml.load")])
+def test_other_errors_are_not_relabelled(tmp_path, monkeypatch, name, parser):
+    """A failure that is not the file's (a bug, a missing module) propagates as it is, not as a syntax error."""
+    import tomllib
+
+    import yaml
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the parser")
+
+    module, attribute = parser.split(".")
+    monkeypatch.setattr({"tomllib": tomllib, "yaml": yaml}[module], attribute, broken)
+    (tmp_path / name).write_text("[run]\nseed = 1\n" if name.endswith(".toml") else "run: {seed: 1}\n")
+    with pytest.raises(RuntimeError, match="a bug in the parser"):
+        load_config(tmp_path / name)

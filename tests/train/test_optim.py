@@ -32,10 +32,8 @@ def run_torch(config: OptimizerConfig, steps: int, grads):
     no_decay = [p for k, p in params.items() if "norm" in k or "bias" in k]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
-    name = config.lr_scheduler_type
-    if name == "constant" and config.warmup(steps) > 0:
-        name = "constant_with_warmup"  # HF's "constant" ignores warmup; jaxlora's applies it to every schedule
-    sched = transformers.get_scheduler(name, opt, num_warmup_steps=config.warmup(steps), num_training_steps=steps)
+    sched = transformers.get_scheduler(config.lr_scheduler_type, opt, num_warmup_steps=config.warmup(steps),
+                                       num_training_steps=steps, scheduler_specific_kwargs=config.lr_scheduler_kwargs)
     lrs = []
     for g in grads:
         for k, p in params.items():
@@ -71,8 +69,11 @@ def run_jax(config: OptimizerConfig, steps: int, grads, offload=False):
 @pytest.mark.parametrize("config", [
     OptimizerConfig(learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=3, max_grad_norm=1.0),
     OptimizerConfig(learning_rate=5e-3, weight_decay=0.01, lr_scheduler_type="linear", warmup_ratio=0.1, max_grad_norm=0.5),
-    OptimizerConfig(learning_rate=1e-3, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=2, max_grad_norm=None),
-], ids=["cosine-wd-clip", "linear-ratio", "constant-noclip"])
+    OptimizerConfig(learning_rate=1e-3, weight_decay=0.0, lr_scheduler_type="constant_with_warmup", warmup_steps=2,
+                    max_grad_norm=None),
+    OptimizerConfig(learning_rate=1e-2, weight_decay=0.01, lr_scheduler_type="polynomial", warmup_steps=3,
+                    lr_scheduler_kwargs={"power": 2.0, "lr_end": 1e-4}),
+], ids=["cosine-wd-clip", "linear-ratio", "constant-warmup-noclip", "polynomial"])
 def test_twenty_steps_match_torch_adamw(config):
     steps = 20
     grads = gradient_sequence(steps)
@@ -100,6 +101,6 @@ def test_optimizer_state_offloaded_to_host_gives_identical_parameters():
 
 def test_config_errors():
     with pytest.raises(ValueError, match="lr_scheduler_type"):
-        OptimizerConfig(lr_scheduler_type="polynomial")
+        OptimizerConfig(lr_scheduler_type="cosine_annealing")
     with pytest.raises(ValueError, match="max_grad_norm"):
         OptimizerConfig(max_grad_norm=0.0)
