@@ -35,11 +35,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlora.data.templates import TemplateError
     from jaxlora.train.trainer import ModelPathError, TrainingError
     from jaxlora.quickstart.run import QuickstartDirectoryError
+    from jaxlora.train.fingerprint import BaseModelMismatchError, FingerprintError
     from torch_bridge.checkpoint import CheckpointError
     from torch_bridge.peft import AdapterFileError
 
     return (UserError, ConfigError, AdapterError, ExportError, ModelPathError, TrainingError, TrainConfigError,
             DataError, TemplateError, CheckpointError, AdapterFileError, QuickstartDirectoryError,
+            BaseModelMismatchError, FingerprintError,
             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 

@@ -172,8 +172,8 @@ def check_fingerprint(recorded: dict, current: dict, *, checkpoint: str) -> None
         shown = differences[:10] + ([f"... and {len(differences) - 10} more"] if len(differences) > 10 else [])
         raise BaseModelMismatchError(
             f"{checkpoint} was trained on the base model at {recorded.get('path')}, but the base model at "
-            f"{current.get('path')} differs from it ({len(differences)} field(s)):\n  " + "\n  ".join(shown)
-            + "\nResume with the base the checkpoint recorded (model.path and its load settings), or start a new "
+            f"{current.get('path')} differs from it ({len(differences)} field(s)): " + "; ".join(shown)
+            + ". Resume with the base the checkpoint recorded (model.path and its load settings), or start a new "
               "run.output_dir.", recorded=recorded, current=current, differences=differences)
 
 

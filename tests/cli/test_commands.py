@@ -139,6 +139,19 @@ def test_train_errors(capsys, tmp_path, tiny_model_dir):
     assert_one_line_error(*run_cli(capsys, "train", config, "--set", f"model.path=\"{tmp_path}\"")[::2], str(tmp_path))
 
 
+def test_resuming_on_another_base_is_one_line_error(capsys, tmp_path, tiny_model_dir, trained_run):
+    """A run directory whose checkpoint was trained on the dense base, resumed with a 4-bit base."""
+    import shutil
+
+    shutil.copytree(trained_run / "checkpoints", tmp_path / "run" / "checkpoints")
+    config = write_config(tmp_path, tiny_model_dir)
+    code, _, err = run_cli(capsys, "train", config, "--set", 'model.quantize="nf4"')
+    report, _, error = err.rstrip().rpartition("\n")  # the pre-flight report comes first, then the error
+    assert report.startswith("trainable params") and "Traceback" not in err
+    assert_one_line_error(code, error, "differs from it", 'load.quantize: recorded null, now "nf4"',
+                          "start a new run.output_dir")
+
+
 def test_train_writes_a_peft_adapter(trained_run):
     assert (trained_run / "adapter" / "adapter_model.safetensors").is_file()
     metrics = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
