@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
-from jaxlora.nn.matmul import batched_einsum, dot, linear_matmul
+from jaxlora.nn.matmul import _low_precision_linear, batched_einsum, dot, linear_matmul
+from tests.error_bounds import abs_einsum, assert_within, dot_error, exact, random_array
 
 
 def _operands(dtype, shape_x=(2, 5, 64), shape_w=(24, 64)):
@@ -73,3 +75,53 @@ def test_16bit_gradients_match_the_float32_reference():
     text = jax.jit(lambda x, w, g: jax.vjp(linear_matmul, x, w)[1](g)).lower(x, w, g).as_text()
     for line in (line for line in text.splitlines() if "dot_general" in line):
         assert "xbf16>, tensor<" in line and "xf32>" in line.split("->")[-1], line
+
+
+def _exact_linear_gradients(x, w, g):
+    with jax.enable_x64(True):
+        _, vjp = jax.vjp(lambda x, w: x @ w.T, jnp.asarray(exact(x)), jnp.asarray(exact(w)))
+        return tuple(np.asarray(a) for a in vjp(jnp.asarray(exact(g))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("x_shape, out", [((2, 7, 13), 11), ((3, 5, 6), 9), ((1, 9, 37), 5)], ids=str)
+def test_16bit_linear_gradient_is_within_its_rounding_bound(x_shape, out, dtype):
+    """The custom VJP of a 16-bit `linear_matmul` against the exact gradient of ``x @ w^T``.
+
+    Each gradient element is one `dot`: ``grad_x = g w`` sums ``out`` products, ``grad_w = g^T x``
+    one per token; float32 accumulation and one rounding to 16 bits bound its error by
+    ``dot_error(n) * (|g| |w|)`` (tests/error_bounds.py): ~2^-8 (bfloat16) or 2^-11 (float16) of the
+    magnitudes, whatever order the sums take.
+    """
+    rng = np.random.default_rng(len(x_shape) + out)
+    x, w = random_array(rng, x_shape, dtype), random_array(rng, (out, x_shape[-1]), dtype, 0.3)
+    g = random_array(rng, x_shape[:-1] + (out,), dtype)
+    grad_x, grad_w = jax.vjp(linear_matmul, x, w)[1](g)
+    assert grad_x.dtype == dtype and grad_w.dtype == dtype
+    exact_x, exact_w = _exact_linear_gradients(x, w, g)
+    tokens = int(np.prod(x_shape[:-1]))
+    sharp = 2e-2 if dtype == jnp.bfloat16 else 3e-3
+    assert_within(grad_x, exact_x, dot_error(out, dtype) * abs_einsum("...o,oi->...i", g, w), "dL/dx", sharp=sharp)
+    g2, x2 = g.reshape(tokens, out), x.reshape(tokens, -1)
+    assert_within(grad_w, exact_w, dot_error(tokens, dtype) * abs_einsum("to,ti->oi", g2, x2), "dL/dw", sharp=sharp)
+
+
+def test_16bit_gradient_rule_passes_check_grads_in_float64():
+    """The rule of the 16-bit custom VJP is dtype-agnostic; called directly on float64 it is checked
+    against finite differences (check_grads, reverse mode). A bilinear function has no truncation
+    error; rounding is ~u64 |f| / eps = 1e-12 against check_grads' float64 tolerance of 1e-5. (Finite
+    differences in bfloat16 itself would measure rounding, not derivatives.)"""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        x, w = jnp.asarray(rng.standard_normal((2, 7, 13))), jnp.asarray(rng.standard_normal((11, 13)))
+        check_grads(_low_precision_linear, (x, w), order=1, modes=["rev"])
+
+
+def test_float32_gradient_is_plain_autodiff():
+    """float32 takes no custom VJP: its gradient is autodiff of ``x @ w^T``, the same computation, bit for bit."""
+    rng = np.random.default_rng(5)
+    x, w, g = (random_array(rng, s, jnp.float32) for s in ((2, 7, 13), (11, 13), (2, 7, 11)))
+    ours = jax.vjp(linear_matmul, x, w)[1](g)
+    plain = jax.vjp(lambda x, w: x @ w.T, x, w)[1](g)
+    for a, b in zip(ours, plain, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
