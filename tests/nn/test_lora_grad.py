@@ -2,8 +2,8 @@
 
 Bounds: tests/error_bounds.py. ``grad_h = g B`` sums ``out`` products per element, ``grad_B = g^T h``
 sums one product per token; each is one `jaxlora.nn.matmul.dot`, so its error is at most
-``dot_error(n) |g| |B|`` (resp. ``|g|^T |h|``): float32 accumulation's ``gamma(n, 2^-24)``, plus for
-bfloat16 one rounding of the result (2^-8).
+``gamma(n) |g| |B|`` (resp. ``|g|^T |h|``) for the float32 (float64) accumulation, plus for bfloat16
+one rounding of the result, 2^-8 of it (`dot_bound`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxlora.nn.lora import lora_update, project_up
-from tests.error_bounds import abs_einsum, assert_within, dot_error, exact, gamma, random_array, unit_roundoff
+from tests.error_bounds import abs_einsum, assert_within, dot_bound, exact, random_array
 
 
 def reference_project_up(h, lora_b):
@@ -46,8 +46,10 @@ def test_project_up_gradient_matches_autodiff(shape, dtype):
     assert grad_h.dtype == dtype and grad_b.dtype == dtype
     exact_h, exact_b = exact_gradients(h, lora_b, g)
     sharp = 1e-4 if dtype == jnp.float32 else 2e-2
-    assert_within(grad_h, exact_h, dot_error(out, dtype) * abs_einsum("bso,or->bsr", g, lora_b), "dL/dh", sharp=sharp)
-    assert_within(grad_b, exact_b, dot_error(batch * seq, dtype) * abs_einsum("bso,bsr->or", g, h), "dL/dB", sharp=sharp)
+    bound_h = dot_bound(out, dtype, abs_einsum("bso,or->bsr", g, lora_b), exact_h)
+    bound_b = dot_bound(batch * seq, dtype, abs_einsum("bso,bsr->or", g, h), exact_b)
+    assert_within(grad_h, exact_h, bound_h, "dL/dh", sharp=sharp)
+    assert_within(grad_b, exact_b, bound_b, "dL/dB", sharp=sharp)
 
 
 def test_project_up_float64_gradient_is_exact_to_float64_rounding():
@@ -57,9 +59,10 @@ def test_project_up_float64_gradient_is_exact_to_float64_rounding():
         h, lora_b, g = (jnp.asarray(rng.standard_normal(s)) for s in ((2, 7, 3), (13, 3), (2, 7, 13)))
         grad_h, grad_b = jax.vjp(project_up, h, lora_b)[1](g)
         exact_h, exact_b = exact_gradients(h, lora_b, g)
-        u = unit_roundoff(jnp.float64)
-        assert_within(grad_h, exact_h, gamma(13, u) * abs_einsum("bso,or->bsr", g, lora_b), "dL/dh", sharp=1e-12)
-        assert_within(grad_b, exact_b, gamma(14, u) * abs_einsum("bso,bsr->or", g, h), "dL/dB", sharp=1e-12)
+        bound_h = dot_bound(13, jnp.float64, abs_einsum("bso,or->bsr", g, lora_b), exact_h)
+        bound_b = dot_bound(14, jnp.float64, abs_einsum("bso,bsr->or", g, h), exact_b)
+        assert_within(grad_h, exact_h, bound_h, "dL/dh", sharp=1e-12)
+        assert_within(grad_b, exact_b, bound_b, "dL/dB", sharp=1e-12)
 
 
 def test_project_up_check_grads_float64():

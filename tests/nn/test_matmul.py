@@ -11,7 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxlora.nn.matmul import _low_precision_linear, batched_einsum, dot, linear_matmul
-from tests.error_bounds import abs_einsum, assert_within, dot_error, exact, random_array
+from tests.error_bounds import abs_einsum, assert_within, dot_bound, exact, random_array
 
 
 def _operands(dtype, shape_x=(2, 5, 64), shape_w=(24, 64)):
@@ -90,8 +90,8 @@ def test_16bit_linear_gradient_is_within_its_rounding_bound(x_shape, out, dtype)
 
     Each gradient element is one `dot`: ``grad_x = g w`` sums ``out`` products, ``grad_w = g^T x``
     one per token; float32 accumulation and one rounding to 16 bits bound its error by
-    ``dot_error(n) * (|g| |w|)`` (tests/error_bounds.py): ~2^-8 (bfloat16) or 2^-11 (float16) of the
-    magnitudes, whatever order the sums take.
+    ``gamma(n, 2^-24) |g| |w| + u |g w|`` (`dot_bound`, tests/error_bounds.py), u = 2^-8 (bfloat16) or
+    2^-11 (float16), whatever order the sums take.
     """
     rng = np.random.default_rng(len(x_shape) + out)
     x, w = random_array(rng, x_shape, dtype), random_array(rng, (out, x_shape[-1]), dtype, 0.3)
@@ -101,9 +101,10 @@ def test_16bit_linear_gradient_is_within_its_rounding_bound(x_shape, out, dtype)
     exact_x, exact_w = _exact_linear_gradients(x, w, g)
     tokens = int(np.prod(x_shape[:-1]))
     sharp = 2e-2 if dtype == jnp.bfloat16 else 3e-3
-    assert_within(grad_x, exact_x, dot_error(out, dtype) * abs_einsum("...o,oi->...i", g, w), "dL/dx", sharp=sharp)
-    g2, x2 = g.reshape(tokens, out), x.reshape(tokens, -1)
-    assert_within(grad_w, exact_w, dot_error(tokens, dtype) * abs_einsum("to,ti->oi", g2, x2), "dL/dw", sharp=sharp)
+    bound_x = dot_bound(out, dtype, abs_einsum("...o,oi->...i", g, w), exact_x)
+    bound_w = dot_bound(tokens, dtype, abs_einsum("to,ti->oi", g.reshape(tokens, out), x.reshape(tokens, -1)), exact_w)
+    assert_within(grad_x, exact_x, bound_x, "dL/dx", sharp=sharp)
+    assert_within(grad_w, exact_w, bound_w, "dL/dw", sharp=sharp)
 
 
 def test_16bit_gradient_rule_passes_check_grads_in_float64():
