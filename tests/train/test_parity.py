@@ -90,7 +90,7 @@ def lora_weights_of_jax(peft_model):
 
 
 def assert_parity(ours_losses, torch_losses, ours_weights, torch_weights, rel):
-    for i, (a, b) in enumerate(zip(ours_losses, torch_losses)):
+    for i, (a, b) in enumerate(zip(ours_losses, torch_losses, strict=True)):
         assert abs(a - b) <= rel * abs(b), f"step {i}: loss {a} vs {b}"
     assert torch_losses[-1] < torch_losses[0] - 0.05, "the loss should fall: otherwise the comparison is weak"
     assert set(ours_weights) == set(torch_weights)
