@@ -72,7 +72,9 @@ def fn_error(dtype) -> float:
 
 
 def exact(x) -> np.ndarray:
-    """An array as float64 numpy (exact for float16/bfloat16/float32 values)."""
+    """An array (jax, numpy or torch) as float64 numpy (exact for float16/bfloat16/float32 values)."""
+    if hasattr(x, "detach"):
+        return x.detach().cpu().double().numpy()
     return np.asarray(x).astype(np.float64)
 
 
@@ -88,7 +90,7 @@ def assert_within(actual, expected, bound, what: str, *, sharp: float) -> float:
     ``sharp``: the bound must stay below ``sharp * max|expected|``, so that the check can still see a
     wrong gradient. Returns the largest error relative to max|expected| (for the record).
     """
-    dtype = np.asarray(actual).dtype
+    dtype = jnp.dtype(str(actual.dtype).removeprefix("torch.")) if hasattr(actual, "detach") else np.asarray(actual).dtype
     actual, expected = exact(actual), exact(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = float(np.max(np.abs(expected)))
