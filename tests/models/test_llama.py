@@ -64,8 +64,11 @@ def test_logits_match_transformers(name, padding):
         expected = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     logits = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
-    err = np.abs(logits[real] - expected[real]).max()
-    assert err <= 1e-4, f"max abs difference {err}"
+    # Both sides are float32 with their own summation orders. Rounding errors of random sign grow like
+    # sqrt(K) u per K-term product (K <= 128 here: ~7e-7 of the magnitudes) and add up over the <= 3
+    # layers' products: ~2e-6 of the logits' scale; 1e-5 (measured: 2-4e-7) leaves room for the
+    # |a||b| / |a b| ratios of the products, and a wrong RoPE, mask, bias or norm is off by O(1e-2..1).
+    # (The comparison is relative to the largest logit: an absolute bound would depend on their scale.)
     assert_rel_close(logits[real], expected[real], 1e-5, "logits")
 
 
@@ -84,6 +87,8 @@ def test_kv_cache_decoding_equals_full_forward():
         steps.append(logits)
     incremental = jnp.concatenate(steps, axis=1)
     assert int(cache.length) == 9
+    # The same products over the same keys, in other shapes (one query at a time against a longer,
+    # masked cache): summation order and masked zeros only, as for the comparison with transformers.
     assert_rel_close(incremental, full, 1e-5, "cached decoding")
 
 
