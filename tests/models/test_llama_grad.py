@@ -196,7 +196,7 @@ def test_attention_gives_no_gradient_to_masked_keys_and_uniform_weights_to_empty
 
 def test_attention_check_grads_float64():
     """Finite differences in float64 (check_grads, reverse mode, order 1) on GQA with every kind of
-    mask: central differences with eps = 1e-4 have truncation error ~eps^2 |f\'\'\'| / 6 ~ 1e-9 for O(1)
+    mask: central differences with eps = 1e-4 have truncation error ~eps^2 |f'''| / 6 ~ 1e-9 for O(1)
     scores and rounding error ~u64 |f| / eps ~ 1e-12, far below check_grads' float64 tolerance (1e-5);
     a wrong gradient is off by O(1)."""
     rng = np.random.default_rng(12)
