@@ -101,7 +101,10 @@ def test_each_row_caches_its_prompt_as_if_alone(tiny):
         assert int(decoding.cache.length) == width
         slots = np.arange(64)
         np.testing.assert_array_equal(np.asarray(decoding.cache.mask[i]), (slots >= first) & (slots < width))
-        # stacked: [layers, batch, kv_heads, slots, head_dim]
+        # stacked: [layers, batch, kv_heads, slots, head_dim]. The same float32 products in other shapes
+        # (a padded batch against one row): errors of random sign, ~sqrt(K) u per K-term product (K <= 128:
+        # ~7e-7), over the 2 layers that feed the last layer's keys: 1e-5 (measured: 2-3e-7); a position or
+        # padding off by one is off by O(1).
         assert_rel_close(decoding.cache.stacked_keys[:, i, :, first:width], alone.stacked_keys[:, 0], 1e-5, f"row {i} keys")
         assert_rel_close(decoding.cache.stacked_values[:, i, :, first:width], alone.stacked_values[:, 0], 1e-5,
                          f"row {i} values")
@@ -115,12 +118,12 @@ def test_greedy_stops_at_eos_like_transformers(tiny):
     got = gen(PROMPTS, GenerationConfig(max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD))
     assert got == expected
     assert len(got[0]) == free[0].index(eos) < 12 and eos not in got[0]
-    for row, unstopped in zip(got, free):
+    for row, unstopped in zip(got, free, strict=True):
         assert row == unstopped[: len(row)]
     # Several EOS ids: the earliest of either ends the row.
     eos2 = free[1][2]
     got2 = gen(PROMPTS, GenerationConfig(max_new_tokens=12, eos_token_id=(eos, eos2)))
-    for row, unstopped in zip(got2, free):
+    for row, unstopped in zip(got2, free, strict=True):
         stop = min([unstopped.index(t) for t in (eos, eos2) if t in unstopped], default=12)
         assert row == unstopped[:stop]
 
@@ -198,7 +201,7 @@ def test_sampling_is_seeded_and_stays_in_the_filtered_set(tiny):
     # Each sampled token survives transformers' warpers applied to transformers' logits at its step.
     warpers = [TemperatureLogitsWarper(0.9), TopKLogitsWarper(8), TopPLogitsWarper(0.85)]
     kept_sizes = []
-    for prompt, sampled in zip(PROMPTS, first):
+    for prompt, sampled in zip(PROMPTS, first, strict=True):
         with torch.no_grad():
             logits = hf(torch.tensor([prompt + sampled])).logits[0, len(prompt) - 1: -1]
         for step, token in enumerate(sampled):

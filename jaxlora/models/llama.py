@@ -103,12 +103,19 @@ def _linear(in_f, out_f, bias, dtype, rngs):
     return Linear(in_f, out_f, use_bias=bias, dtype=dtype, rngs=rngs)
 
 
+def softmax_dtype(dtype) -> jnp.dtype:
+    """float32 for 16- and 32-bit activations; float64 stays float64 (so that gradients can be checked
+    against finite differences in float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _attention_probs(q, k, allowed):
-    """Softmax attention weights, float32 ``[b, kv, groups, s, k]`` (masked entries exactly 0)."""
+    """Softmax attention weights ``[b, kv, groups, s, k]`` in `softmax_dtype` (masked entries exactly 0)."""
     b, kv, groups, s, d = q.shape
+    acc = softmax_dtype(q.dtype)
     scores = batched_einsum("bkqd,bktd->bkqt", q.reshape(b, kv, groups * s, d), k) * (d**-0.5)
-    scores = scores.reshape(b, kv, groups, s, k.shape[2]).astype(jnp.float32)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    scores = scores.reshape(b, kv, groups, s, k.shape[2]).astype(acc)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(acc).min)
     return jax.nn.softmax(scores, axis=-1)
 
 
@@ -118,8 +125,8 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
 
     Shapes: q ``[b, kv_heads, groups, s, d]`` (query head = kv_head * groups + group, as transformers'
     repeat_kv), k and v ``[b, kv_heads, k, d]``, allowed ``[b, s, k]`` bool -> ``[b, kv_heads, groups, s, d]``.
-    Scores and softmax in float32; a row with no allowed key attends uniformly (as a masked softmax
-    with the float32 minimum does).
+    Scores and softmax in float32 (float64 for float64 inputs); a row with no allowed key attends
+    uniformly (as a masked softmax with the float32 minimum does).
 
     The custom gradient orders each backward matmul so that the large ``[.., s, k]`` arrays enter
     with their contracted axis where XLA's CPU matmuls want it (``dk = (q^T dS)^T``,
@@ -143,7 +150,7 @@ def _attention_bwd(residuals, grad_out):
     t = k.shape[2]
     p = probs.reshape(b, kv, groups * s, t)
     grad_out = grad_out.reshape(b, kv, groups * s, d)
-    grad_p = batched_einsum("bkqd,bktd->bkqt", grad_out, v).astype(jnp.float32)
+    grad_p = batched_einsum("bkqd,bktd->bkqt", grad_out, v).astype(probs.dtype)
     grad_scores = p * (grad_p - jnp.sum(grad_p * p, axis=-1, keepdims=True))
     mask = jnp.broadcast_to(allowed[:, None, None, :, :], (b, kv, groups, s, t)).reshape(b, kv, groups * s, t)
     grad_scores = (jnp.where(mask, grad_scores, 0.0) * (d**-0.5)).astype(q.dtype)

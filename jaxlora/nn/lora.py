@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxlora.nn.linear import Linear, broadcast_last, torch_linear_uniform
 from jaxlora.nn.linear4bit import Linear4bit
+from jaxlora.nn.matmul import dot
 from jaxlora.quant import quantize_4bit
 
 InitLoraWeights = bool | Literal["gaussian"]
@@ -51,20 +52,23 @@ def project_up(h: jax.Array, lora_b: jax.Array) -> jax.Array:
     folding the final (tiny, ``[r, out]``) transpose back into the product. Measured on the
     SmolLM2-135M LoRA train step (all 7 projections, r=16): the 210 transposes of output
     gradients took ~16% of the step (experiments/results/train.md).
+
+    The products go through `jaxlora.nn.matmul.dot`: float32 operands take the plain product, and
+    16-bit adapters (``lora_dtype`` bfloat16) accumulate in float32.
     """
-    return h @ lora_b.T
+    return dot(h, lora_b, (-1, 1))
 
 
 def _project_up_fwd(h, lora_b):
-    return h @ lora_b.T, (h, lora_b)
+    return dot(h, lora_b, (-1, 1)), (h, lora_b)
 
 
 def _project_up_bwd(residuals, g):
     h, lora_b = residuals
     g = g.astype(h.dtype)
-    grad_h = g @ lora_b
+    grad_h = dot(g, lora_b, (-1, 0))
     rank, out = lora_b.shape[1], lora_b.shape[0]
-    grad_b_t = jax.lax.optimization_barrier(h.reshape(-1, rank).T @ g.reshape(-1, out))  # [r, out]
+    grad_b_t = jax.lax.optimization_barrier(dot(h.reshape(-1, rank), g.reshape(-1, out), (0, 0)))  # [r, out]
     return grad_h, grad_b_t.T.astype(lora_b.dtype)
 
 
@@ -76,7 +80,7 @@ def lora_update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scaling: flo
 
     Shapes: x ``[..., in]``, A ``[r, in]``, B ``[out, r]`` -> ``[..., out]``.
     """
-    return project_up((x @ lora_a.T) * jnp.asarray(scaling, x.dtype), lora_b)
+    return project_up(dot(x, lora_a, (-1, 1)) * jnp.asarray(scaling, x.dtype), lora_b)
 
 
 class LoraLinear(nnx.Module):

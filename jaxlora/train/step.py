@@ -70,8 +70,13 @@ def _chunks(hidden, targets, chunk):
     return h, t
 
 
+def _loss_dtype(dtype) -> jnp.dtype:
+    """float32 for 16- and 32-bit hidden states; float64 stays float64 (finite-difference checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _chunk_logits(h, weight):
-    return dot(h, weight.astype(h.dtype), (-1, 1)).astype(jnp.float32)
+    return dot(h, weight.astype(h.dtype), (-1, 1)).astype(_loss_dtype(h.dtype))
 
 
 def _chunk_softmax_grad(h, weight, t):
@@ -81,7 +86,7 @@ def _chunk_softmax_grad(h, weight, t):
     loss, log_z = _token_losses(logits, jnp.where(counted, t, 0), counted)
     probs = jnp.exp(logits - log_z[:, None])
     onehot = jnp.arange(logits.shape[-1], dtype=t.dtype)[None, :] == t[:, None]
-    grad = jnp.where(counted[:, None], probs - onehot.astype(jnp.float32), 0.0)
+    grad = jnp.where(counted[:, None], probs - onehot.astype(probs.dtype), 0.0)
     return jnp.sum(loss), grad.astype(h.dtype)
 
 
@@ -106,7 +111,7 @@ def chunked_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Arr
         loss, _ = _token_losses(_chunk_logits(hc, weight), jnp.where(counted, tc, 0), counted)
         return total + jnp.sum(loss), None
 
-    total, _ = jax.lax.scan(body, jnp.float32(0.0), (h, t))
+    total, _ = jax.lax.scan(body, jnp.zeros((), _loss_dtype(hidden.dtype)), (h, t))
     return total
 
 
@@ -118,7 +123,7 @@ def _chunked_cross_entropy_fwd(hidden, weight, targets, chunk):
         loss, grad_logits = _chunk_softmax_grad(hc, weight, tc)
         return total + loss, dot(grad_logits, weight.astype(hc.dtype), (-1, 0))
 
-    total, grad_h = jax.lax.scan(body, jnp.float32(0.0), (h, t))
+    total, grad_h = jax.lax.scan(body, jnp.zeros((), _loss_dtype(hidden.dtype)), (h, t))
     return total, (grad_h, h, t, weight, jnp.zeros(hidden.shape[:2] + (0,), hidden.dtype))
 
 
@@ -131,9 +136,9 @@ def _chunked_cross_entropy_bwd(chunk, residuals, g):
     def body(grad_w, xs):
         hc, tc = xs
         _, grad_logits = _chunk_softmax_grad(hc, weight, tc)
-        return grad_w + dot(grad_logits, hc, (0, 0)).astype(jnp.float32), None
+        return grad_w + dot(grad_logits, hc, (0, 0)).astype(grad_w.dtype), None
 
-    grad_w, _ = jax.lax.scan(body, jnp.zeros(weight.shape, jnp.float32), (h, t))
+    grad_w, _ = jax.lax.scan(body, jnp.zeros(weight.shape, _loss_dtype(h.dtype)), (h, t))
     return grad_hidden, (grad_w * g).astype(weight.dtype), np.zeros(shape[:2], jax.dtypes.float0)
 
 

@@ -24,6 +24,13 @@ def checkpoint():
     return path, tokenizer, reference
 
 
+# Both sides run 30 layers in float32 with their own summation orders. Rounding errors of random sign grow
+# like sqrt(K) u per K-term product (K <= 1536, the MLP's down projection: 2.3e-6 of the magnitudes) and
+# add up over the 30 layers' residual stream: at most ~30 x 2.3e-6 = 7e-5 of the logits' scale; bound 1e-4
+# of the largest logit (measured: 6e-6). A wrong RoPE theta, norm epsilon or tied head is off by O(1e-2..1).
+RELATIVE = 1e-4
+
+
 def test_logits_and_greedy_tokens_match_transformers(checkpoint):
     path, tokenizer, reference = checkpoint
     model = load_llama(path)
@@ -31,11 +38,9 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint):
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()
     logits = np.asarray(model(jnp.asarray(ids)))
+    scale = np.abs(expected).max()
     err = np.abs(logits - expected).max()
-    # 30 layers in fp32 with different summation orders, logits up to ~27: measured 1.7e-4 absolute,
-    # 6e-6 relative to the largest logit.
-    assert err <= 5e-4, f"max abs logit difference {err}"
-    assert err / np.abs(expected).max() <= 1e-5
+    assert err <= RELATIVE * scale, f"max abs logit difference {err} ({err / scale:.1e} of the largest logit)"
 
     # Greedy continuation, 6 tokens, both sides.
     with torch.no_grad():
@@ -46,5 +51,17 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint):
         next_token = int(jnp.argmax(model(tokens)[0, -1]))
         ours.append(next_token)
         tokens = jnp.concatenate([tokens, jnp.asarray([[next_token]])], axis=1)
-    assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
     assert "Paris" in tokenizer.decode(ours)
+    # The same tokens, unless transformers' choice was a near tie that the two sides' rounding can flip:
+    # along transformers' continuation, each token it chose is within twice the bound of our best logit,
+    # and where its lead over the runner-up exceeds that, ours is the same token.
+    continuation = np.concatenate([ids[0], theirs])[None, :]
+    with torch.no_grad():
+        their_logits = reference(torch.tensor(continuation)).logits.numpy()[0, ids.shape[1] - 1: -1]
+    our_logits = np.asarray(model(jnp.asarray(continuation)))[0, ids.shape[1] - 1: -1]
+    tolerance = 2 * RELATIVE * np.abs(their_logits).max()
+    for step, token in enumerate(theirs):
+        assert our_logits[step, token] >= our_logits[step].max() - tolerance, (step, tokenizer.decode([token]))
+        lead = np.sort(their_logits[step])[-1] - np.sort(their_logits[step])[-2]
+        if lead > tolerance and ours[: step] == theirs[: step]:
+            assert ours[step] == token, (step, tokenizer.decode(ours), tokenizer.decode(theirs))

@@ -7,32 +7,101 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.test_util import check_grads
 
 from jaxlora.nn import Linear4bit, LoraLinear, quantized_matmul
 from jaxlora.quant import dequantize_4bit, quantize_4bit
-from tests.helpers import assert_rel_close
+from tests.error_bounds import abs_einsum, assert_within, dot_bound, exact, gamma, random_array, unit_roundoff
 
 
 def random_weight(out_f, in_f, seed=0, dtype=np.float32):
     return (np.random.default_rng(seed).standard_normal((out_f, in_f)) * 0.05).astype(dtype)
 
 
+def _cast_error(from_dtype, to_dtype) -> float:
+    """Relative error of casting ``from_dtype`` values to ``to_dtype`` (0 unless it narrows)."""
+    return unit_roundoff(to_dtype) if unit_roundoff(to_dtype) > unit_roundoff(from_dtype) else 0.0
+
+
+# (x shape, out, blocksize, double_quant): batch > 1, in/out features not multiples of 8, weights
+# whose size is not a multiple of the blocksize (a partial last block; with double quantization a
+# partial nested block of scales too), and a layer of whole blocks.
+LAYERS = [((2, 3, 64), 24, 64, False), ((2, 7, 37), 13, 64, True), ((3, 5, 19), 11, 32, True),
+          ((1, 4, 200), 9, 128, False)]
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
-def test_forward_and_input_gradient(quant_type, compute_dtype):
-    w = random_weight(24, 64)
-    bias = np.linspace(-1, 1, 24).astype(np.float32)
-    layer = Linear4bit.from_weight(jnp.asarray(w), jnp.asarray(bias), quant_type=quant_type, compute_dtype=compute_dtype)
+@pytest.mark.parametrize("x_shape, out, blocksize, double_quant", LAYERS, ids=str)
+def test_forward_and_input_gradient(x_shape, out, blocksize, double_quant, quant_type, compute_dtype):
+    """``y = cast_x(cast_c(x) @ W^T + b)`` and its custom gradient against the exact values, W the dequantized
+    weight in the compute dtype c (the reference: float64 autodiff of ``x @ dequantize_4bit(q).T + b``).
+
+    Bounds (tests/error_bounds.py): the product is one `dot` over ``in`` terms (``dL/dx = g W``: over
+    ``out`` terms), `dot_bound`; with c = bfloat16 the casts of x (or g) and of the bias to c each add
+    2^-8 of their magnitude; the bias addition rounds once more in c.
+    """
+    in_f = x_shape[-1]
+    rng = np.random.default_rng(in_f + out)
+    w = random_weight(out, in_f)
+    bias = np.linspace(-1, 1, out).astype(np.float32)
+    layer = Linear4bit.from_weight(jnp.asarray(w), jnp.asarray(bias), quant_type=quant_type, blocksize=blocksize,
+                                   double_quant=double_quant, compute_dtype=compute_dtype)
     w_dq = dequantize_4bit(layer.quantized, compute_dtype)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32))
-    expected = ((x.astype(compute_dtype) @ w_dq.T) + jnp.asarray(bias).astype(compute_dtype)[None, None, :]).astype(jnp.float32)
-    out = layer(x)
-    assert out.dtype == jnp.float32 and out.shape == (2, 3, 24)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
-    g = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 24)).astype(np.float32))
-    dx = jax.grad(lambda x: jnp.sum(layer(x) * g))(x)
-    dx_ref = jax.grad(lambda x: jnp.sum(((x.astype(compute_dtype) @ w_dq.T).astype(jnp.float32)) * g))(x)
-    np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_ref))
+    x = random_array(rng, x_shape, jnp.float32)
+    g = random_array(rng, x_shape[:-1] + (out,), jnp.float32)
+    y, vjp = jax.vjp(layer, x)
+    (dx,) = vjp(g)
+    assert y.dtype == jnp.float32 and y.shape == x_shape[:-1] + (out,) and dx.dtype == jnp.float32
+
+    def reference(x, w, b):
+        return x @ w.T + b[None, None, :]
+
+    with jax.enable_x64(True):
+        exact_y, exact_vjp = jax.vjp(reference, *(jnp.asarray(exact(a)) for a in (x, w_dq, bias)))
+        exact_dx = np.asarray(exact_vjp(jnp.asarray(exact(g)))[0])
+    to_c = _cast_error(jnp.float32, compute_dtype)
+    u_c = unit_roundoff(compute_dtype)
+    x_w = abs_einsum("bsi,oi->bso", x, w_dq)
+    x_w_exact = np.einsum("bsi,oi->bso", exact(x), exact(w_dq))
+    y_bound = (to_c * (x_w + np.abs(bias)[None, None, :]) + dot_bound(in_f, compute_dtype, x_w, x_w_exact)
+               + u_c * np.abs(np.asarray(exact_y)))
+    # The bound grows with ``in`` (the cast of x, |x| |W|^T against |x W^T|): for bfloat16 it reaches 4.5%
+    # of the output's scale at in = 200, still far below what a wrong weight, transpose or bias gives.
+    sharp = 1e-4 if compute_dtype == jnp.float32 else 0.06
+    assert_within(y, np.asarray(exact_y), y_bound, "forward", sharp=sharp)
+    g_w = abs_einsum("bso,oi->bsi", g, w_dq)
+    dx_bound = to_c * g_w + dot_bound(out, compute_dtype, g_w, exact_dx)
+    assert_within(dx, exact_dx, dx_bound, "dL/dx", sharp=sharp)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_no_gradient_flows_to_the_quantized_weight(double_quant):
+    """The cotangent of every leaf of the QuantizedTensor is zero (float0 for the integer codes and,
+    with double quantization, the 8-bit scale codes)."""
+    q = quantize_4bit(jnp.asarray(random_weight(13, 37)), double_quant=double_quant)
+    rng = np.random.default_rng(6)
+    x, g = random_array(rng, (2, 7, 37), jnp.float32), random_array(rng, (2, 7, 13), jnp.float32)
+    _, vjp = jax.vjp(lambda x, q: quantized_matmul(x, q, jnp.float32), x, q)
+    dx, dq = vjp(g)
+    assert np.any(np.asarray(dx) != 0)
+    assert jax.tree.structure(dq) == jax.tree.structure(q)
+    names = [name for name in ("packed", "absmax", "nested_absmax", "offset") if getattr(q, name) is not None]
+    for name, stored, cotangent in zip(names, jax.tree.leaves(q), jax.tree.leaves(dq), strict=True):
+        if jnp.issubdtype(stored.dtype, jnp.integer):  # codes: integer leaves get float0, "no cotangent"
+            assert cotangent.dtype == jax.dtypes.float0, name
+        else:
+            assert cotangent.shape == stored.shape and not np.any(np.asarray(cotangent)), name
+
+
+def test_quantized_matmul_check_grads_float64():
+    """Finite differences in float64 (check_grads, reverse mode): x -> x @ W^T is linear, so central
+    differences have no truncation error and ~u64 |y| / eps = 1e-12 of rounding, far below
+    check_grads' float64 tolerance (1e-5). The quantized weight is closed over (not differentiable)."""
+    q = quantize_4bit(jnp.asarray(random_weight(13, 37)), blocksize=32, double_quant=True)
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 7, 37)))
+        check_grads(lambda x: quantized_matmul(x, q, jnp.float64), (x,), order=1, modes=["rev"])
 
 
 def dense_residuals(fn, x, min_elements):
@@ -120,12 +189,24 @@ def test_qlora_gradients_flow_to_lora_only():
     x = jnp.ones((3, 64))
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
     assert set(grads.keys()) == {"lora_A", "lora_B"}
-    # And the same gradient as autodiff through a dense copy of the dequantized weight.
+    # And the gradient of autodiff through a dense copy of the dequantized weight, computed exactly (float64).
     w_dq = dequantize_4bit(base.quantized, jnp.float32)
+    scaling = layer.scaling["default"]
 
-    def dense_loss(a, b):
-        return jnp.sum((x @ w_dq.T + layer.scaling["default"] * (x @ a.T) @ b.T) ** 2)
+    def dense_loss(a, b, x, w):
+        return jnp.sum((x @ w.T + scaling * (x @ a.T) @ b.T) ** 2)
 
-    ga, gb = jax.grad(dense_loss, argnums=(0, 1))(layer.lora_A["default"][...], layer.lora_B["default"][...])
-    assert_rel_close(grads["lora_A"]["default"][...], ga, 1e-6, "dL/dA")
-    assert_rel_close(grads["lora_B"]["default"][...], gb, 1e-6, "dL/dB")
+    a, b = layer.lora_A["default"][...], layer.lora_B["default"][...]
+    with jax.enable_x64(True):
+        args = [jnp.asarray(exact(v)) for v in (a, b, x, w_dq)]
+        exact_a, exact_b = (np.asarray(v) for v in jax.grad(dense_loss, argnums=(0, 1))(*args))
+        # The loss is a polynomial with positive coefficients (scaling > 0), so its rounding error is at
+        # most gamma(D) times the same computation on absolute values (Higham, 3.1), D the longest chain
+        # of roundings: x A^T (64 terms), scaling, (.) B^T (4), + x W^T, then the gradient's products,
+        # (2y) B (16 terms) and its product with x over the 3 tokens, scaling: D = 64 + 1 + 4 + 1 + 16 + 3 + 1.
+        magnitude_a, magnitude_b = jax.grad(dense_loss, argnums=(0, 1))(*(jnp.abs(v) for v in args))
+    depth = 64 + 1 + 4 + 1 + 16 + 3 + 1
+    u = unit_roundoff(jnp.float32)
+    for name, exact_grad, magnitude in (("lora_A", exact_a, magnitude_a), ("lora_B", exact_b, magnitude_b)):
+        bound = gamma(depth, u) * np.asarray(magnitude)
+        assert_within(grads[name]["default"][...], exact_grad, bound, f"dL/d{name}", sharp=1e-3)

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from jaxlora.nn import Linear, LoraLinear
-from tests.helpers import assert_rel_close
+from tests.error_bounds import assert_within, exact, gamma, unit_roundoff
+from tests.nn.lora_reference import exact_and_bounds
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -64,6 +65,28 @@ def torch_linear(in_f, out_f, bias, seed=0):
     return lin, base
 
 
+def peft_weights(lin: torch.nn.Linear, proj) -> dict:
+    """The weights of a PEFT layer as `lora_reference.exact_and_bounds` takes them."""
+    def numpy(t):  # a copy: PEFT's merge changes the base weight in place
+        return None if t is None else t.detach().numpy().copy()
+
+    dora = "default" in proj.lora_magnitude_vector
+    return dict(w=numpy(lin.weight), bias=numpy(lin.bias), a=numpy(proj.lora_A["default"].weight),
+                b=numpy(proj.lora_B["default"].weight), scaling=proj.scaling["default"],
+                m=numpy(proj.lora_magnitude_vector["default"].weight) if dora else None,
+                b_bias=numpy(proj.lora_B["default"].bias))
+
+
+def assert_both_match_exact(ours: dict, theirs: dict, expected: dict, what: str = "") -> None:
+    """jaxlora's and PEFT's values each within the float32 rounding bound of the exact value: then they
+    agree with each other to twice that (tests/nn/lora_reference.py)."""
+    assert ours.keys() == theirs.keys() == expected.keys()
+    for name, (value, bound) in expected.items():
+        label = f"{what} {name}".strip()
+        assert_within(ours[name], value, bound, f"{label} (jaxlora)", sharp=1e-3)
+        assert_within(theirs[name], value, bound, f"{label} (PEFT)", sharp=1e-3)
+
+
 def grads_jax(layer: LoraLinear, x, g):
     def loss(model, x):
         return jnp.sum(model(x) * g)
@@ -96,19 +119,21 @@ def test_forward_and_gradients_match_peft(kwargs, bias):
     out_t = model(xt)
     (out_t * torch.tensor(g)).sum().backward()
     out_j = layer(jnp.asarray(x))
-    assert_rel_close(out_j, out_t, 1e-6, "forward")
-
     param_grads, x_grad = grads_jax(layer, jnp.asarray(x), jnp.asarray(g))
-    assert_rel_close(x_grad, xt.grad, 1e-6, "dL/dx")
-    assert_rel_close(param_grads["lora_A"]["default"][...], proj.lora_A["default"].weight.grad, 1e-6, "dL/dA")
-    assert_rel_close(param_grads["lora_B"]["default"][...], proj.lora_B["default"].weight.grad, 1e-6, "dL/dB")
+    ours = {"output": out_j, "dL/dx": x_grad, "dL/dA": param_grads["lora_A"]["default"][...],
+            "dL/dB": param_grads["lora_B"]["default"][...]}
+    theirs = {"output": out_t, "dL/dx": xt.grad, "dL/dA": proj.lora_A["default"].weight.grad,
+              "dL/dB": proj.lora_B["default"].weight.grad}
     if kwargs.get("use_dora"):
-        assert_rel_close(param_grads["lora_magnitude_vector"]["default"][...], proj.lora_magnitude_vector["default"].weight.grad, 1e-6, "dL/dm")
+        ours["dL/dm"] = param_grads["lora_magnitude_vector"]["default"][...]
+        theirs["dL/dm"] = proj.lora_magnitude_vector["default"].weight.grad
     elif kwargs.get("lora_bias"):
         assert np.abs(proj.lora_B["default"].bias.detach().numpy()).max() > 0  # init False: a random bias
-        assert_rel_close(param_grads["lora_B_bias"]["default"][...], proj.lora_B["default"].bias.grad, 1e-6, "dL/db_B")
+        ours["dL/db_B"] = param_grads["lora_B_bias"]["default"][...]
+        theirs["dL/db_B"] = proj.lora_B["default"].bias.grad
     else:
         assert set(param_grads.keys()) == {"lora_A", "lora_B"} and "default" in param_grads["lora_A"]
+    assert_both_match_exact(ours, theirs, exact_and_bounds(x, g, **peft_weights(lin, proj)))
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -127,10 +152,15 @@ def test_train_mode_dropout_matches_peft_with_the_same_mask(use_dora):
     proj.lora_dropout["default"] = _FixedMask(torch.tensor(np.asarray(dropped)))
     model.train()
     out_t = model(torch.tensor(x))
-    assert_rel_close(out_j, out_t, 1e-6, "train-mode forward with dropout")
+    g = np.ones((6, out_f), np.float32)  # only the outputs are compared here
+    weights = peft_weights(lin, proj)
+    train = exact_and_bounds(x, g, mask=np.asarray(dropped), **weights)["output"]
+    assert_both_match_exact({"output": out_j}, {"output": out_t}, {"output": train}, "train-mode forward with dropout")
     layer.eval()
     model.eval()
-    assert_rel_close(layer(jnp.asarray(x)), model(torch.tensor(x)), 1e-6, "eval-mode forward (dropout off)")
+    evaluation = exact_and_bounds(x, g, **weights)["output"]
+    assert_both_match_exact({"output": layer(jnp.asarray(x))}, {"output": model(torch.tensor(x))}, {"output": evaluation},
+                            "eval-mode forward (dropout off)")
     assert not np.allclose(np.asarray(layer(jnp.asarray(x))), np.asarray(out_j))
 
 
@@ -162,11 +192,36 @@ def test_merge_matches_peft_and_unmerge_restores_exactly(variant):
     x = jnp.asarray(np.random.default_rng(2).standard_normal((7, 40)).astype(np.float32))
     unmerged_out = layer(x)
     w0 = np.asarray(layer.base.weight[...]).copy()
+    weights = peft_weights(lin, proj)
     layer.merge()
     merged_t = model.merge_and_unload().proj
-    assert_rel_close(layer.base.weight[...], merged_t.weight, 1e-6, "merged weight vs PEFT")
-    assert_rel_close(layer.base.bias[...], merged_t.bias, 1e-6, "merged bias vs PEFT")
-    assert_rel_close(layer(x), unmerged_out, 1e-6, "merged forward")
+    # The merged weight W + s B A (DoRA: times m / ||W + s B A||_row), exactly; its float32 evaluation in
+    # any order is within gamma(D) of the same on absolute values (lora_reference), with D counting the
+    # r-term product, the scaling and the sum, and for DoRA the norm over ``in``, the square root, the
+    # division and the product: D = 2 (in + r) + 10 covers both.
+    a, b, w = (exact(weights[k]) for k in ("a", "b", "w"))
+    s = weights["scaling"]
+    merged_exact, merged_magnitude = w + s * b @ a, np.abs(w) + s * np.abs(b) @ np.abs(a)
+    if variant == "dora":
+        scale = exact(weights["m"])[:, None] / np.linalg.norm(merged_exact, axis=1)[:, None]
+        merged_exact, merged_magnitude = scale * merged_exact, scale * merged_magnitude
+    merged_bound = gamma(2 * (40 + 4) + 10, unit_roundoff(jnp.float32)) * merged_magnitude
+    # The merged bias b + s b_B (lora_bias; else b itself): two roundings.
+    bias, bias_magnitude = exact(weights["bias"]), np.abs(exact(weights["bias"]))
+    if variant == "lora_bias":
+        bias, bias_magnitude = bias + s * exact(weights["b_bias"]), bias_magnitude + s * np.abs(exact(weights["b_bias"]))
+    bias_bound = gamma(2, unit_roundoff(jnp.float32)) * bias_magnitude
+    assert_both_match_exact({"merged weight": layer.base.weight[...], "merged bias": layer.base.bias[...]},
+                            {"merged weight": merged_t.weight.detach().numpy(), "merged bias": merged_t.bias.detach().numpy()},
+                            {"merged weight": (merged_exact, merged_bound), "merged bias": (bias, bias_bound)})
+    # The merged forward x W'^T + b' against the exact output: the merged weight's and bias's bounds carried
+    # through, plus the product's own gamma(in + 1); the unmerged output within the layer's bound.
+    output, output_bound = exact_and_bounds(x, np.ones((7, 24)), **weights)["output"]
+    merged_forward_bound = (np.abs(exact(x)) @ merged_bound.T + bias_bound[None, :]
+                            + gamma(40 + 1, unit_roundoff(jnp.float32)) * (np.abs(exact(x)) @ merged_magnitude.T
+                                                                           + bias_magnitude[None, :]))
+    assert_within(layer(x), output, merged_forward_bound, "merged forward", sharp=1e-3)
+    assert_within(unmerged_out, output, output_bound, "unmerged forward", sharp=1e-3)
     with pytest.raises(ValueError, match="already merged"):
         layer.merge()
     layer.unmerge()
@@ -195,7 +250,11 @@ def test_initialisation_follows_peft():
     assert np.all(np.abs(b) <= 1 / math.sqrt(r)) and np.std(b) == pytest.approx(1 / math.sqrt(r) / math.sqrt(3), rel=0.05)
 
     dora = LoraLinear(base, r=r, use_dora=True, rngs=nnx.Rngs(4))
-    np.testing.assert_allclose(np.asarray(dora.lora_magnitude_vector["default"][...]), np.linalg.norm(np.asarray(base.weight[...]), axis=1), rtol=1e-6)
+    # B = 0: m = ||W||_row, a sum of 256 positive squares (relative error gamma(257) in float32) and a square
+    # root (halves it, rounds once): within gamma(258) of the exact norm.
+    norms = np.linalg.norm(exact(base.weight[...]), axis=1)
+    assert_within(dora.lora_magnitude_vector["default"][...], norms, gamma(in_f + 2, unit_roundoff(jnp.float32)) * norms,
+                  "DoRA initial magnitude", sharp=1e-4)
 
 
 def test_lora_parameters_are_selected_by_type():

@@ -2,7 +2,7 @@
 
 Same tiny random Llama (fp32), same initial LoRA weights (PEFT's, loaded into jaxlora), same
 batches, same AdamW hyper-parameters with warmup + cosine, clipping and weight decay. Losses must
-agree at every step and final LoRA weights at the end, within 1e-4 relative.
+agree at every step and final LoRA weights at the end (bounds: `assert_parity`).
 """
 
 from __future__ import annotations
@@ -89,14 +89,30 @@ def lora_weights_of_jax(peft_model):
     return out
 
 
-def assert_parity(ours_losses, torch_losses, ours_weights, torch_weights, rel):
-    for i, (a, b) in enumerate(zip(ours_losses, torch_losses)):
-        assert abs(a - b) <= rel * abs(b), f"step {i}: loss {a} vs {b}"
+def assert_parity(ours_losses, torch_losses, ours_weights, torch_weights):
+    """Losses at every step within 1e-4 relative; final LoRA weights within 1e-3 of the total learning rate.
+
+    Both sides run the same float32 math in their own summation orders. A loss is a mean of token
+    losses over a smooth function of the weights: orders change it by ~sqrt(K) u per product
+    (~1e-6 here), so 1e-4 (measured: < 1e-6) is far below what a wrong schedule, clipping or decay
+    gives (the loss must also fall by 0.05 for the comparison to mean something). A weight moves by
+    Adam updates of at most ~lr_t each, whatever its gradient's size: a gradient element that nearly
+    cancels carries a summation error large relative to itself, which Adam's normalization turns into
+    an O(lr_t) difference of the update. So the weights are compared in units of the total learning
+    rate applied, sum(lr_t) (as in the accumulation test below): 1e-3 of it (measured: 4e-5 of it),
+    far below the O(sum(lr_t)) that a missing step or a wrong bias correction gives.
+    """
+    from jaxlora.train.optim import learning_rate_schedule
+
+    for i, (a, b) in enumerate(zip(ours_losses, torch_losses, strict=True)):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {i}: loss {a} vs {b}"
     assert torch_losses[-1] < torch_losses[0] - 0.05, "the loss should fall: otherwise the comparison is weak"
     assert set(ours_weights) == set(torch_weights)
+    schedule = learning_rate_schedule(CONFIG, len(ours_losses))
+    lr_total = sum(float(schedule(step)) for step in range(len(ours_losses)))
     for key, expected in torch_weights.items():
-        err = np.abs(ours_weights[key] - expected).max() / np.abs(expected).max()
-        assert err <= rel, f"{key}: relative difference {err:.2e}"
+        diff = float(np.abs(ours_weights[key] - expected).max())
+        assert diff <= 1e-3 * lr_total, f"{key}: differs by {diff:.2e} (sum of learning rates {lr_total:.2e})"
 
 
 def test_lora_training_matches_peft_and_torch_adamw(tmp_path):
@@ -108,12 +124,12 @@ def test_lora_training_matches_peft_and_torch_adamw(tmp_path):
     theirs.train()
     torch_losses = torch_run(theirs, batches)
     jax_losses = jax_run(ours, batches)
-    assert_parity(jax_losses, torch_losses, lora_weights_of_jax(ours), lora_weights_of_peft(theirs), 1e-4)
+    assert_parity(jax_losses, torch_losses, lora_weights_of_jax(ours), lora_weights_of_peft(theirs))
 
 
 def test_qlora_training_matches_bitsandbytes_and_peft(tmp_path):
     """Both sides run on the same stored NF4 + double-quant weights (fp32 compute), so the only
-    differences are float summation orders, as in the LoRA case: the same 1e-4 bound holds."""
+    differences are float summation orders, as in the LoRA case: the same bounds hold."""
     hf_model("gqa-64").save_pretrained(tmp_path / "hf")
     qconfig = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                               bnb_4bit_compute_dtype=torch.float32)
@@ -127,7 +143,7 @@ def test_qlora_training_matches_bitsandbytes_and_peft(tmp_path):
     theirs.train()
     torch_losses = torch_run(theirs, batches)
     jax_losses = jax_run(ours, batches, offload=True)
-    assert_parity(jax_losses, torch_losses, lora_weights_of_jax(ours), lora_weights_of_peft(theirs), 1e-4)
+    assert_parity(jax_losses, torch_losses, lora_weights_of_jax(ours), lora_weights_of_peft(theirs))
 
 
 def test_gradient_accumulation_four_by_one_equals_one_batch_of_four():
