@@ -15,6 +15,7 @@ import pytest
 
 from jaxlora.cli import main
 from jaxlora.cli.memory import ModelShape, estimate_memory
+from tests.helpers import assert_rel_close
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -213,7 +214,9 @@ def test_export_peft_merged_and_bnb(capsys, tmp_path, tiny_model_dir, trained_ru
     with torch.no_grad():
         expected = peft.PeftModel.from_pretrained(hf, trained_run / "adapter").eval()(ids).logits.numpy()
         merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)(ids).logits.numpy()
-    np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=1e-5)
+    # Summation order only (merged float32 weights vs the adapter applied at run time): a bound relative
+    # to the logits' scale, ~sqrt(K) 2^-24 per layer (tests/models/test_llama.py).
+    assert_rel_close(merged, expected, 1e-5, "merged export vs PEFT")
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
 
     assert run_cli(capsys, "export", trained_run, "--bnb-4bit", tmp_path / "nf4")[0] == 0

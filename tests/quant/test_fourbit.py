@@ -388,7 +388,7 @@ def test_pytree_leaves_and_flatten_roundtrip(double_quant):
     leaves = jax.tree.leaves(q)
     expected = [q.packed, q.absmax] + ([q.nested_absmax, q.offset] if double_quant else [])
     assert len(leaves) == len(expected)
-    for a, b in zip(leaves, expected):
+    for a, b in zip(leaves, expected, strict=True):
         assert a is b
     flat, treedef = jax.tree_util.tree_flatten(q)
     r = jax.tree_util.tree_unflatten(treedef, flat)
@@ -425,7 +425,8 @@ def test_quantize_inside_jit_matches_eager():
     x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 96)).astype(np.float32))
     eager = quantize_4bit(x, blocksize=32, double_quant=True)
     traced = jax.jit(lambda a: quantize_4bit(a, blocksize=32, double_quant=True))(x)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced)):
+    assert jax.tree.structure(eager) == jax.tree.structure(traced)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -22,9 +22,10 @@ from torch_bridge import AdapterFileError, load_llama, load_peft_adapter, save_l
 
 def compare_logits(ours, theirs):
     ours, theirs = np.asarray(ours), np.asarray(theirs)
-    err = np.abs(ours - theirs).max()
-    rel = err / np.abs(theirs).max()
-    assert err <= 1e-4 and rel <= 1e-5, f"max abs {err:.2e}, relative {rel:.2e}"
+    # Summation order only (two float32 stacks): ~sqrt(K) 2^-24 per layer of the logits' scale, as in
+    # tests/models/test_llama.py; a bound relative to that scale, not an absolute one.
+    rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert rel <= 1e-5, f"relative {rel:.2e}"
 
 
 IDS = np.random.default_rng(0).integers(0, 64, size=(2, 8))  # below every test model's vocabulary

@@ -80,7 +80,10 @@ def test_twenty_steps_match_torch_adamw(config):
     expected, lrs = run_torch(config, steps, grads)
     ours, _ = run_jax(config, steps, grads)
     schedule = learning_rate_schedule(config, steps)
-    np.testing.assert_allclose([float(schedule(i)) for i in range(steps)], lrs, rtol=1e-6, atol=1e-12)
+    # float32 schedule vs torch's float64: the bound derived in tests/train/test_schedules.py (relative
+    # 1e-6, plus the cosine's cancellation near its end, peak * 2^-24 * (3 pi + 4) absolute).
+    np.testing.assert_allclose([float(schedule(i)) for i in range(steps)], lrs, rtol=1e-6,
+                               atol=config.learning_rate * 2**-24 * (3 * np.pi + 4))
     for k in expected:
         moved = np.abs(expected[k] - initial_params()[k]).max()
         assert moved > 1e-3, f"{k} barely moved: the comparison would be vacuous"
