@@ -150,15 +150,18 @@ def skip_nonfinite_updates(inner: optax.GradientTransformation) -> optax.Gradien
     Such a step returns zero updates and the optimizer state it was given, so the parameters it
     returns are its inputs. The jitted step donates those inputs; the trainer stops at a non-finite
     step, and this is what lets it hand back the last good values without keeping a copy of them.
-    A select rather than ``lax.cond``: the update is elementwise and fuses with it, and no branch
-    on a device value is needed; a finite step's results are ``inner``'s values unchanged.
+    One ``lax.cond`` around the whole update: a per-leaf select between the new and the old state
+    (hundreds of leaves) made XLA's CPU compilation of the SmolLM2 step 5x slower (46 s -> 257 s).
+    A finite step's results are ``inner``'s values unchanged.
     """
 
     def update(grads, state, params=None):
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        updates, new_state = inner.update(grads, state, params)
-        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-        return updates, jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+
+        def skip(grads, state, params):
+            return jax.tree.map(jnp.zeros_like, grads), state
+
+        return jax.lax.cond(finite, inner.update, skip, grads, state, params)
 
     return optax.GradientTransformation(inner.init, update)
 
