@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlora.models.llama_config import ConfigError
     from jaxlora.peft import AdapterError
     from jaxlora.train.config import TrainConfigError
-    from jaxlora.data.sft import DataError
+    from jaxlora.data.records import DataError
     from jaxlora.cli.export import ExportError
     from jaxlora.data.templates import TemplateError
     from jaxlora.train.trainer import ModelPathError, TrainingError

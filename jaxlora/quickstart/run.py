@@ -147,7 +147,8 @@ class HeldOut:
     """The held-out split as loss rows and as generation prompts, and how to score a model on it."""
 
     def __init__(self, codec, limit: int | None):
-        from jaxlora.data.sft import DataConfig, read_jsonl, tokenize_records, build_rows, SkipReport
+        from jaxlora.data.records import SkipReport, read_jsonl
+        from jaxlora.data.sft import DataConfig, build_rows, tokenize_records
 
         records, _ = read_jsonl(HELDOUT_FILE)
         records = records[:limit] if limit else records

@@ -13,20 +13,16 @@ import json
 import numpy as np
 import pytest
 
+from jaxlora.data.records import DataError, JsonRecord, SkipReport, read_jsonl, record_to_messages
 from jaxlora.data.sft import (
     DataConfig,
-    DataError,
-    JsonRecord,
     SFTTokenizer,
-    SkipReport,
     TokenizedExample,
     batches,
     build_rows,
     load_eval_data,
     load_sft_data,
     pack_examples,
-    read_jsonl,
-    record_to_messages,
     split_eval,
     steps_per_epoch,
     tokenize_records,
