@@ -78,7 +78,11 @@ def gpu_peak_gb(framework: str) -> float | None:
     return stats["peak_bytes_in_use"] / 1e9 if stats and "peak_bytes_in_use" in stats else None
 
 
-def run_jax_train(name: str, opts, steps: int, warmup: int) -> dict:
+def run_jax_train(name: str, opts, steps: int, warmup: int, *, spec=None, shape=(BATCH, SEQ),
+                  xla_temp: bool = True) -> dict:
+    """One jaxlora configuration: ``spec`` = (framework, method, checkpointing, compute) (default TRAIN[name]),
+    ``shape`` = (batch, seq) of the random token batch; ``xla_temp``: also report XLA's temporary buffer size
+    (one more compilation, after the peak RSS is taken)."""
     import jax
     from flax import nnx
 
@@ -87,7 +91,8 @@ def run_jax_train(name: str, opts, steps: int, warmup: int) -> dict:
     from jaxlora.train.step import make_train_step, split_trainable
     from torch_bridge import load_llama
     check_jax_backend(opts)
-    _, method, ckpt, compute = TRAIN[name]
+    _, method, ckpt, compute = spec or TRAIN[name]
+    batch_size, seq = shape
     if opts.device == "cuda" and compute == "fp32":  # jax's GPU default for float32 matmuls is TF32
         jax.config.update("jax_default_matmul_precision", "tensorfloat32" if opts.tf32 else "float32")
     path = model_dir(opts)
@@ -104,7 +109,7 @@ def run_jax_train(name: str, opts, steps: int, warmup: int) -> dict:
                                         lr_scheduler_type="constant"), steps + warmup + 1)
     opt_state = tx.init(trainable)
     step = make_train_step(graphdef, tx, wrt=wrt)
-    ids = jax.random.randint(jax.random.key(0), (1, BATCH, SEQ), 0, model_config(path)["vocab_size"])
+    ids = jax.random.randint(jax.random.key(0), (1, batch_size, seq), 0, model_config(path)["vocab_size"])
     batch = {"input_ids": ids, "labels": ids}
     state = [trainable, rest, opt_state]
     losses = []
@@ -122,14 +127,16 @@ def run_jax_train(name: str, opts, steps: int, warmup: int) -> dict:
     times = timed(one_step, steps)
     peak = peak_rss_gb()  # before the extra compilation below
     temp = None  # XLA's temporary buffers: one more compilation, left out on CUDA (the GPU peak is measured there)
-    if opts.device == "cpu":
+    if opts.device == "cpu" and xla_temp:
         temp = step.lower(*state, batch).compile().memory_analysis().temp_size_in_bytes / 1e9
     return {"times": times, "first_call_s": first, "compile_s": compile_s, "loss_first": losses[0],
             "loss_last": losses[-1], "trainable": trainable_params, "xla_temp_gb": temp, "peak_rss_gb": peak}
 
 
-def run_torch_train(name: str, opts, steps: int, warmup: int) -> dict:
-    _, method, ckpt, compute = TRAIN[name]
+def run_torch_train(name: str, opts, steps: int, warmup: int, *, spec=None, shape=(BATCH, SEQ)) -> dict:
+    """One transformers + PEFT configuration; ``spec`` and ``shape`` as for `run_jax_train`."""
+    _, method, ckpt, compute = spec or TRAIN[name]
+    batch_size, seq = shape
     if method == "qlora":
         try:
             import bitsandbytes  # noqa: F401
@@ -170,7 +177,7 @@ def run_torch_train(name: str, opts, steps: int, warmup: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model_config(path)["vocab_size"], (BATCH, SEQ), generator=gen).to(device)
+    ids = torch.randint(0, model_config(path)["vocab_size"], (batch_size, seq), generator=gen).to(device)
     losses = []
 
     def one_step():
