@@ -34,9 +34,10 @@ from flax import nnx
 
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
-from jaxlora.nn.attention import cached_attention, grouped_attention
+from jaxlora.nn.attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, AttentionMask, blockwise_attention,
+                                  cached_attention, grouped_attention)
 from jaxlora.nn.linear import Linear, broadcast_last
-from jaxlora.nn.matmul import batched_einsum, linear_matmul
+from jaxlora.nn.matmul import linear_matmul
 
 
 @jax.tree_util.register_dataclass
@@ -104,6 +105,9 @@ def _linear(in_f, out_f, bias, dtype, rngs):
     return Linear(in_f, out_f, use_bias=bias, dtype=dtype, rngs=rngs)
 
 
+ATTENTION_IMPLEMENTATIONS = ("blockwise", "dense")
+
+
 class LlamaAttention(nnx.Module):
     """Grouped-query causal self-attention with rotary embeddings."""
 
@@ -115,9 +119,9 @@ class LlamaAttention(nnx.Module):
         self.v_proj = _linear(hidden, kv * d, config.attention_bias, dtype, rngs)
         self.o_proj = _linear(h * d, hidden, config.attention_bias, dtype, rngs)
 
-    def __call__(self, x, cos, sin, key_mask, query_positions, key_positions, cache_kv=None, same_segment=None):
-        """x ``[b, s, hidden]``; key_mask ``[b, k]`` bool; positions ``[b, s]`` / ``[b, k]``;
-        same_segment ``[b, s, k]`` bool or None (packed sequences: attend within one example only).
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache_kv=None, implementation: str = "blockwise"):
+        """x ``[b, s, hidden]``; mask: `AttentionMask` over the ``k`` keys (the s new ones, or the cache's
+        slots); implementation: "blockwise" (`blockwise_attention`) or "dense" (`grouped_attention`).
 
         With ``cache_kv = (keys, values, start)`` the new keys/values are written at ``start`` into
         the cached ``[b * kv, max_len, d]`` arrays, attention runs over all cached positions, and the
@@ -131,20 +135,27 @@ class LlamaAttention(nnx.Module):
         # (the cache is kept in that layout, so decoding does not transpose it at every token).
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         groups = self.num_heads // self.num_kv_heads
-        allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_mask[:, None, :]  # [b, q, k]
-        if same_segment is not None:
-            allowed = allowed & same_segment
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
         new_cache = None
-        if cache_kv is None:
-            out = grouped_attention(q, k, v, allowed)
-        else:
+        if cache_kv is not None:
             cached_k, cached_v, start = cache_kv
             new_k = k.reshape(b * self.num_kv_heads, s, self.head_dim).astype(cached_k.dtype)
             new_v = v.reshape(b * self.num_kv_heads, s, self.head_dim).astype(cached_v.dtype)
             new_cache = (jax.lax.dynamic_update_slice(cached_k, new_k, (0, start, 0)),
                          jax.lax.dynamic_update_slice(cached_v, new_v, (0, start, 0)))
-            out = cached_attention(q, *new_cache, allowed)
+            k, v = new_cache
+        if implementation == "blockwise":
+            # Over a cache, queries that fit one block (decoding, short prompts) take the cache as one key
+            # block: with one query row a loop over key blocks costs more per block than the block's
+            # products (experiments/results/attention.md).
+            single = cache_kv is not None and s <= DEFAULT_BLOCK_Q
+            out = blockwise_attention(q, k, v, mask, block_k=k.shape[1] if single else DEFAULT_BLOCK_K)
+        elif implementation == "dense":
+            dense = grouped_attention if cache_kv is None else cached_attention
+            out = dense(q, k, v, mask.dense())
+        else:
+            raise ValueError(f"attention implementation {implementation!r}: expected one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
         return self.o_proj(out), new_cache
 
@@ -195,9 +206,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, key_mask, query_positions, key_positions, cache_kv=None, same_segment=None):
-        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, query_positions, key_positions,
-                                         cache_kv, same_segment)
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache_kv=None, implementation: str = "blockwise"):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, implementation)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_cache
@@ -219,15 +229,22 @@ class LlamaForCausalLM(nnx.Module):
       compute_dtype: activation dtype (default float32).
       gradient_checkpointing: recompute each decoder layer in the backward pass (``nnx.remat``),
         trading one extra forward for not storing the layer's activations.
+      attention_implementation: "blockwise" (default; `jaxlora.nn.attention.blockwise_attention`,
+        memory linear in the sequence length) or "dense" (`grouped_attention`, the ``[s, s]`` scores
+        whole). An attribute: set it on a built model to switch.
       rngs: random streams for initialisation (random weights are for tests; real weights come
         from `torch_bridge.load_llama`).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, compute_dtype=jnp.float32,
-                 gradient_checkpointing: bool = False, rngs: nnx.Rngs):
+                 gradient_checkpointing: bool = False, attention_implementation: str = "blockwise", rngs: nnx.Rngs):
+        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_implementation {attention_implementation!r}: expected one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.gradient_checkpointing = gradient_checkpointing
+        self.attention_implementation = attention_implementation
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs)
         self.lm_head = nnx.data(None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size, False, dtype, rngs))
 
@@ -278,34 +295,16 @@ class LlamaForCausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
         x = self.model.embed_tokens(input_ids).astype(self.compute_dtype)
         cos, sin = rotary_cos_sin(position_ids, inverse_frequencies(self.config), self.compute_dtype)
-        same_segment = None
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
-            # Causality needs the token order, not position_ids (which restart in each segment).
-            order = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
-            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-        if cache is None:
-            key_mask, key_positions = mask, position_ids
-            query_positions = position_ids if segment_ids is None else order
-            if segment_ids is not None:
-                key_positions = order
-        else:
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
-            max_len = cache.mask.shape[1]
-            key_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (b, max_len))
-            # Causality by cache slot, not by position_ids (which only drive RoPE): a left-padded row
-            # has positions cumsum(mask) - 1 that lag its slots, and must still see its own tokens.
-            # Slots beyond what has been written are masked by key_mask (False there).
-            query_positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+        mask_spec = _attention_mask(mask, position_ids, segment_ids, cache, start)
+        implementation = self.attention_implementation
         keys, values = (None, None) if cache is None else (list(cache.keys), list(cache.values))
         for i, layer in enumerate(self.model.layers):
-            cache_kv = None if cache is None else (keys[i], values[i], start)
             if self.gradient_checkpointing and cache is None:
-                x, _ = nnx.remat(lambda layer, *args: layer(*args))(layer, x, cos, sin, key_mask, query_positions, key_positions,
-                                                                    None, same_segment)
+                x, _ = nnx.remat(lambda layer, *args: layer(*args, implementation=implementation))(
+                    layer, x, cos, sin, mask_spec)
             else:
-                x, layer_cache = layer(x, cos, sin, key_mask, query_positions, key_positions, cache_kv, same_segment)
+                cache_kv = None if cache is None else (keys[i], values[i], start)
+                x, layer_cache = layer(x, cos, sin, mask_spec, cache_kv, implementation)
                 if layer_cache is not None:
                     # Each layer's array is its own buffer (a loop carry in decoding), updated in place;
                     # re-stacking the layers into one [layers, ...] array copied the whole cache every token.
@@ -313,7 +312,26 @@ class LlamaForCausalLM(nnx.Module):
         x = self.model.norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(tuple(keys), tuple(values), start + s, key_mask)
+        return x, KVCache(tuple(keys), tuple(values), start + s, mask_spec.key_mask)
+
+
+def _attention_mask(mask, position_ids, segment_ids, cache: KVCache | None, start) -> AttentionMask:
+    """What generates the attention mask of ``[b, s]`` new tokens: over themselves, or over the cache's slots."""
+    b, s = mask.shape
+    order = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+    if cache is None:
+        if segment_ids is None:
+            return AttentionMask(position_ids, position_ids, mask)
+        # Causality needs the token order, not position_ids (which restart in each segment).
+        return AttentionMask(order, order, mask, segment_ids, segment_ids)
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+    max_len = cache.mask.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (b, max_len))
+    # Causality by cache slot, not by position_ids (which only drive RoPE): a left-padded row has
+    # positions cumsum(mask) - 1 that lag its slots, and must still see its own tokens. Slots beyond
+    # what has been written are masked (False in the cache's mask).
+    return AttentionMask(order, slots, jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)))
 
 
 def count_parameters(model: nnx.Module, filter=nnx.Param) -> int:
