@@ -3,13 +3,14 @@
 Before/after measurements of the training-step changes in experiments/results/train.md, in one process:
 each variant is the current jaxlora with one piece put back as it was at commit ``BEFORE`` (read with
 ``git show``), compiled side by side with the current code on the same model (SmolLM2-135M-Instruct, LoRA
-r=16 on all linear layers, batch 4 x 256, AdamW), then timed interleaved (current, variant, current,
+r=16 on all linear layers, batch 4 x 256 unless --batch / --seq say otherwise, AdamW), then timed interleaved (current, variant, current,
 variant, ...) so that load from other processes on the machine hits both alike. Reports the median step
 time of each, the median of the paired ratios, and XLA's temporary buffer size of each compiled step.
 
 Pieces (``before:NAME``): ``lora`` (LoraLinear.__call__: autodiff's B gradient), ``attention``
 (LlamaAttention.__call__: 5-D einsums, autodiff), ``mlp`` (jax.nn.silu(gate) * up, autodiff), ``loss``
-(whole [b, s, vocab] logits sliced at the shift), ``scheduler`` (XLA's default CPU scheduler), ``plain16``
+(whole [b, s, vocab] logits sliced at the shift), ``scheduler`` (XLA's default CPU scheduler), ``dense``
+(the dense attention kernel instead of the blockwise one; not from ``BEFORE``), ``plain16``
 (16-bit products written plainly instead of `jaxlora.nn.matmul`'s float32-accumulating form; this piece
 is not from ``BEFORE``; use it with ``--compute bf16``).
 """
@@ -49,8 +50,16 @@ def patches(name: str) -> list[tuple[object, str, object]]:
     if name == "lora":
         return [(lora.LoraLinear, "__call__", old_module("jaxlora/nn/lora.py", "old_lora").LoraLinear.__call__)]
     if name == "attention":
-        old = old_module("jaxlora/models/llama.py", "old_llama")
-        return [(llama.LlamaAttention, "__call__", old.LlamaAttention.__call__)]
+        old = old_module("jaxlora/models/llama.py", "old_llama").LlamaAttention.__call__
+
+        def old_call(self, x, cos, sin, mask, cache_kv=None, implementation="blockwise"):
+            same_segment = None if mask.query_segments is None else (
+                mask.query_segments[:, :, None] == mask.key_segments[:, None, :])
+            return old(self, x, cos, sin, mask.key_mask, mask.query_positions, mask.key_positions, cache_kv, same_segment)
+
+        return [(llama.LlamaAttention, "__call__", old_call)]
+    if name == "dense":  # the dense attention kernel instead of the blockwise one (training: no cache)
+        return [(llama, "blockwise_attention", lambda q, k, v, mask: llama.grouped_attention(q, k, v, mask.dense()))]
     if name == "mlp":
         return [(llama, "swiglu", lambda gate, up: jax.nn.silu(gate) * up)]
     if name == "loss":
@@ -60,6 +69,7 @@ def patches(name: str) -> list[tuple[object, str, object]]:
     if name == "plain16":  # 16-bit products written plainly (XLA converts them to float32 products)
         import jax.numpy as jnp
 
+        import jaxlora.nn.attention as attention
         import jaxlora.nn.linear as linear
         import jaxlora.nn.linear4bit as linear4bit
 
@@ -71,7 +81,7 @@ def patches(name: str) -> list[tuple[object, str, object]]:
             out = jnp.einsum(spec, a, b)
             return out if out_dtype is None else out.astype(out_dtype)
 
-        return [(linear4bit, "dot", plain_dot), (step, "dot", plain_dot), (llama, "batched_einsum", plain_einsum),
+        return [(linear4bit, "dot", plain_dot), (step, "dot", plain_dot), (attention, "batched_einsum", plain_einsum),
                 (llama, "linear_matmul", lambda x, w: x @ w.T), (linear, "linear_matmul", lambda x, w: x @ w.T)]
     raise SystemExit(f"unknown piece {name!r}")
 
@@ -88,7 +98,7 @@ def patched(pairs):
             setattr(obj, attr, value)
 
 
-def make_runner(model, method: str):
+def make_runner(model, method: str, batch: int, seq: int):
     """A compiled train step on its own copy of the trainable state; returns (run, temp bytes)."""
     import jax
     import jax.numpy as jnp
@@ -101,7 +111,7 @@ def make_runner(model, method: str):
     tx = optax.adamw(1e-4, weight_decay=0.01)
     state = [trainable, rest, tx.init(trainable)]
     step = make_train_step(graphdef, tx, wrt=nnx.LoRAParam)
-    ids = jax.random.randint(jax.random.key(0), (1, 4, 256), 0, 49152)
+    ids = jax.random.randint(jax.random.key(0), (1, batch, seq), 0, 49152)
     batch = {"input_ids": ids, "labels": ids}
     temp = step.lower(*state, batch).compile().memory_analysis().temp_size_in_bytes
 
@@ -119,6 +129,8 @@ def main() -> None:
     parser.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
     parser.add_argument("--compute", choices=["fp32", "bf16"], default="fp32", help="activation / matmul dtype")
     parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
     import jax  # noqa: F401
 
@@ -134,7 +146,7 @@ def main() -> None:
     for name in names:
         pairs = [] if name == "current" else [p for piece in name.split(":", 1)[1].split("+") for p in patches(piece)]
         with patched(pairs):
-            runs[name], temps[name] = make_runner(model, args.method)
+            runs[name], temps[name] = make_runner(model, args.method, args.batch, args.seq)
             losses[name] = runs[name]()  # compiles (inside the patch) and runs once
     times = {n: [] for n in names}
     for _ in range(args.reps):
@@ -142,7 +154,8 @@ def main() -> None:
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
-    print(f"{args.method} {args.compute}{' ckpt' if args.ckpt else ''}, {args.reps} interleaved repetitions, load {os.getloadavg()}")
+    print(f"{args.method} {args.compute}{' ckpt' if args.ckpt else ''}, batch {args.batch} x {args.seq}, {args.reps} "
+          f"interleaved repetitions, load {os.getloadavg()}")
     for name in names:
         ratio = statistics.median(b / a for a, b in zip(times["current"], times[name]))
         print(f"{name:28s} step {statistics.median(times[name]):6.2f} s  (x{ratio:.3f} of current, paired median)  "

@@ -29,6 +29,7 @@ casts and accumulations may cost.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,3 +111,28 @@ def assert_within(actual, expected, bound, what: str, *, sharp: float) -> float:
 def random_array(rng: np.random.Generator, shape, dtype, scale: float = 1.0):
     """Standard normal values times ``scale``, rounded to ``dtype`` (the test's exact inputs)."""
     return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32).astype(dtype)
+
+
+def make_inputs(dtype):
+    """``make(rng, shape, scale=1.0)``: random inputs made in float32 and rounded to ``dtype`` (float64
+    ones directly; call it inside an x64 context)."""
+    if dtype == jnp.float64:
+        return lambda rng, shape, scale=1.0: jnp.asarray(rng.standard_normal(shape) * scale)
+    return lambda rng, shape, scale=1.0: random_array(rng, shape, dtype, scale)
+
+
+def value_and_vjp(fn, primals, cotangent):
+    """``(fn(*primals), vjp(cotangent))``, jitted (one compilation instead of one per primitive)."""
+
+    def run(primals, cotangent):
+        out, vjp = jax.vjp(fn, *primals)
+        return out, vjp(cotangent)
+
+    return jax.jit(run)(tuple(primals), cotangent)
+
+
+def vjp_exactly(fn, primals, cotangent):
+    """``fn(*primals)`` and its VJP of ``cotangent``, autodiff in float64 of the exact inputs, as numpy."""
+    with jax.enable_x64(True):
+        out, grads = value_and_vjp(fn, [jnp.asarray(exact(a)) for a in primals], jnp.asarray(exact(cotangent)))
+        return np.asarray(out), tuple(np.asarray(a) for a in grads)

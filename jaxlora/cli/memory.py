@@ -24,7 +24,12 @@ Activations (bytes), ``T = batch * seq`` tokens, ``c`` = itemsize of the compute
 ``q = heads * head_dim``, ``kv = kv_heads * head_dim``, ``V`` vocab, ``A`` the adapted projections:
 
     layer, per token:  c * (2 H + q + 2 kv + 3 I)     always kept (below)
-                     + 4 * heads * seq + 16            float32 attention probabilities; RMSNorm statistics
+                     + c * q + 4 * heads + 16          attention output and float32 row logsumexp (blockwise
+                                                       attention); RMSNorm statistics
+                     + c * q (+ a * q if A has q_proj) if seq <= the query block: what XLA keeps of the
+                                                       queries besides q (below)
+                       (attention="dense": 4 * heads * seq, the float32 probabilities, instead of the
+                       attention terms above)
                      + a * H   if A has q/k/v_proj     their input (input_layernorm's output)
                      + a * q   if A has o_proj         its input (the attention output)
                      + a * H   if A has gate/up_proj   their input (post_attention_layernorm's output)
@@ -50,9 +55,16 @@ What XLA keeps from a decoder layer for the backward pass, read from the live bu
 the compiled step and confirmed by how XLA's temporary bytes grow with each dimension and each set of
 adapted projections (experiments/activation_memory.py, experiments/results/memory_activations.md;
 float32: the formula above to the byte): the layer input and the residual after attention (H each,
-for the RMSNorms' backward), the rotated queries (q), keys and values (kv each), the float32 softmax
-probabilities ``[heads, seq]`` per token (`jaxlora.models.llama.grouped_attention`'s only
-``[s, k]`` residual), the RMSNorms' 1/rms and mean square (4 float32 per token), and in the MLP
+for the RMSNorms' backward), the rotated queries (q), keys and values (kv each), the attention
+output in its head-major layout (q) and the float32 logsumexp of each head's scores (the residuals of
+`jaxlora.nn.attention.blockwise_attention`; the dense kernel, `grouped_attention`, keeps the float32
+softmax probabilities ``[heads, seq]`` per token instead). When the sequence fits one query block the
+kernel's loops run once and XLA moves the cheap computation of the head-major queries (projection
+output, LoRA sum, rotary embedding, transpose) into both the forward and the backward loop instead of
+keeping q: what stays alive is rotate_half(q) and q_proj's output (its base and LoRA parts when q_proj
+is adapted), one or two arrays of q's size more (measured per layer with
+experiments/activation_memory.py; with several query blocks q is one buffer). Then the RMSNorms'
+1/rms and mean square (4 float32 per token), and in the MLP
 three intermediate-size arrays: sigmoid(gate) and silu(gate), and up. `jaxlora.models.llama.swiglu`'s
 custom gradient keeps only gate and up as its residuals and recomputes the sigmoid, but XLA merges
 that recomputation with the forward pass's identical one (common-subexpression elimination), so
@@ -93,6 +105,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from jaxlora.models.llama import ATTENTION_IMPLEMENTATIONS
+from jaxlora.nn.attention import DEFAULT_BLOCK_Q
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.quant.codebooks import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, SUPPORTED_QUANT_TYPES
 from jaxlora.train.step import LOSS_CHUNK_TOKENS
@@ -266,7 +280,8 @@ def estimate_memory(shape: ModelShape, *, method: str = "qlora", rank: int = 16,
                     batch: int = 1, seq: int = 512, grad_ckpt: bool = False, offload: bool = False,
                     dtype: str = "float32", compute_dtype: str | None = None, quant: str = "nf4",
                     double_quant: bool = True, blocksize: int = 64, platform: str = "cpu",
-                    frozen_state_copies: int = 0, per_tensor_code_tables: bool = False) -> MemoryEstimate:
+                    frozen_state_copies: int = 0, per_tensor_code_tables: bool = False,
+                    attention: str = "blockwise") -> MemoryEstimate:
     """Memory of one training step of a Llama model with jaxlora (formulas in the module docstring).
 
     Args:
@@ -284,8 +299,11 @@ def estimate_memory(shape: ModelShape, *, method: str = "qlora", rank: int = 16,
       frozen_state_copies: extra copies of the frozen state alive at a step's peak (0 with
         `make_train_step`; 2 with a step that returns the frozen state, see the module docstring).
       per_tensor_code_tables: count bitsandbytes' per-tensor code tables (64 + 1024 bytes).
+      attention: the model's attention kernel (`LlamaForCausalLM.attention_implementation`):
+        "blockwise" (memory linear in seq) or "dense" (keeps the ``[heads, seq, seq]`` probabilities).
     """
     _check("method", method, METHODS)
+    _check("attention", attention, ATTENTION_IMPLEMENTATIONS)
     platform = PLATFORM_ALIASES.get(platform, platform)
     _check("platform", platform, PLATFORMS)
     _check("dtype", dtype, DTYPE_BYTES)
@@ -320,7 +338,8 @@ def estimate_memory(shape: ModelShape, *, method: str = "qlora", rank: int = 16,
     moments = 2 * trainable + OPTIMIZER_COUNTERS
     frozen = 0 if method == "full" else frozen_state_copies * (weights + constants)
 
-    activations = _activations(shape, names, rank, batch, seq, c, grad_ckpt and platform == "gpu", method == "full")
+    activations = _activations(shape, names, rank, batch, seq, c, grad_ckpt and platform == "gpu", method == "full",
+                               attention)
     if method == "qlora" or param_bytes != c:  # one dequantized (or cast) projection at a time
         activations += max(o * i for o, i in projections.values()) * c
     activations = math.ceil(ACTIVATION_FACTOR[platform] * activations)
@@ -331,13 +350,20 @@ def estimate_memory(shape: ModelShape, *, method: str = "qlora", rank: int = 16,
         optimizer_transient=moments if offload else 0, platform=platform, dtype=dtype, compute_dtype=compute_dtype)
 
 
-def _layer_bytes_per_token(shape: ModelShape, names: tuple[str, ...], rank: int, seq: int, c: int, full: bool) -> int:
+def _layer_bytes_per_token(shape: ModelShape, names: tuple[str, ...], rank: int, seq: int, c: int, full: bool,
+                           attention: str) -> int:
     """What one decoder layer keeps for the backward pass, per token (module docstring)."""
     h, heads = shape.hidden_size, shape.num_attention_heads
     q, kv, i = heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim, shape.intermediate_size
     kept = c * (KEPT_HIDDEN * h + KEPT_QUERY * q + KEPT_KEY_VALUE * kv + KEPT_INTERMEDIATE * i)
-    kept += 4 * heads * seq + NORM_STATISTICS_BYTES
     adapted = set(names) - {"lm_head"}
+    if attention == "dense":
+        kept += 4 * heads * seq
+    else:
+        kept += c * q + 4 * heads
+        if seq <= DEFAULT_BLOCK_Q:  # XLA keeps what the queries are computed from (module docstring)
+            kept += c * q + (ADAPTER_BYTES * q if "q_proj" in adapted else 0)
+    kept += NORM_STATISTICS_BYTES
     if full:  # every projection's input for its weight gradient; the norms' inputs times 1/rms for theirs
         return kept + c * (h + q + h + i) + 2 * c * h
     inputs = {"attention input": (h, {"q_proj", "k_proj", "v_proj"}), "attention output": (q, {"o_proj"}),
@@ -364,9 +390,9 @@ def _loss_bytes(shape: ModelShape, names: tuple[str, ...], rank: int, tokens: in
 
 
 def _activations(shape: ModelShape, names: tuple[str, ...], rank: int, batch: int, seq: int, c: int, checkpointed: bool,
-                 full: bool) -> int:
+                 full: bool, attention: str) -> int:
     tokens = batch * seq
-    layer = tokens * _layer_bytes_per_token(shape, names, rank, seq, c, full)
+    layer = tokens * _layer_bytes_per_token(shape, names, rank, seq, c, full, attention)
     loss = _loss_bytes(shape, names, rank, tokens, c)
     if checkpointed:  # layer inputs saved; one layer recomputed at a time, after the loss is done
         return tokens * shape.num_hidden_layers * c * shape.hidden_size + max(layer, loss)

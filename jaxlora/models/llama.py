@@ -34,8 +34,10 @@ from flax import nnx
 
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from jaxlora.nn.attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, AttentionMask, blockwise_attention,
+                                  cached_attention, grouped_attention)
 from jaxlora.nn.linear import Linear, broadcast_last
-from jaxlora.nn.matmul import batched_einsum, linear_matmul
+from jaxlora.nn.matmul import linear_matmul
 
 
 @jax.tree_util.register_dataclass
@@ -103,89 +105,7 @@ def _linear(in_f, out_f, bias, dtype, rngs):
     return Linear(in_f, out_f, use_bias=bias, dtype=dtype, rngs=rngs)
 
 
-def softmax_dtype(dtype) -> jnp.dtype:
-    """float32 for 16- and 32-bit activations; float64 stays float64 (so that gradients can be checked
-    against finite differences in float64)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _attention_probs(q, k, allowed):
-    """Softmax attention weights ``[b, kv, groups, s, k]`` in `softmax_dtype` (masked entries exactly 0)."""
-    b, kv, groups, s, d = q.shape
-    acc = softmax_dtype(q.dtype)
-    scores = batched_einsum("bkqd,bktd->bkqt", q.reshape(b, kv, groups * s, d), k) * (d**-0.5)
-    scores = scores.reshape(b, kv, groups, s, k.shape[2]).astype(acc)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(acc).min)
-    return jax.nn.softmax(scores, axis=-1)
-
-
-@jax.custom_vjp
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """``softmax(q k^T / sqrt(d), masked) v`` for grouped-query attention, in head-major layout.
-
-    Shapes: q ``[b, kv_heads, groups, s, d]`` (query head = kv_head * groups + group, as transformers'
-    repeat_kv), k and v ``[b, kv_heads, k, d]``, allowed ``[b, s, k]`` bool -> ``[b, kv_heads, groups, s, d]``.
-    Scores and softmax in float32 (float64 for float64 inputs); a row with no allowed key attends
-    uniformly (as a masked softmax with the float32 minimum does).
-
-    The custom gradient orders each backward matmul so that the large ``[.., s, k]`` arrays enter
-    with their contracted axis where XLA's CPU matmuls want it (``dk = (q^T dS)^T``,
-    ``dv = (dO^T P)^T``); with autodiff's order XLA copied the probabilities and score gradients
-    into transposed layouts first (experiments/results/train.md).
-    """
-    return _attention_fwd(q, k, v, allowed)[0]
-
-
-def _attention_fwd(q, k, v, allowed):
-    b, kv, groups, s, d = q.shape
-    probs = _attention_probs(q, k, allowed)
-    flat = probs.reshape(b, kv, groups * s, k.shape[2]).astype(v.dtype)
-    out = batched_einsum("bkqt,bktd->bkqd", flat, v).reshape(q.shape)
-    return out, (q, k, v, allowed, probs)
-
-
-def _attention_bwd(residuals, grad_out):
-    q, k, v, allowed, probs = residuals
-    b, kv, groups, s, d = q.shape
-    t = k.shape[2]
-    p = probs.reshape(b, kv, groups * s, t)
-    grad_out = grad_out.reshape(b, kv, groups * s, d)
-    grad_p = batched_einsum("bkqd,bktd->bkqt", grad_out, v).astype(probs.dtype)
-    grad_scores = p * (grad_p - jnp.sum(grad_p * p, axis=-1, keepdims=True))
-    mask = jnp.broadcast_to(allowed[:, None, None, :, :], (b, kv, groups, s, t)).reshape(b, kv, groups * s, t)
-    grad_scores = (jnp.where(mask, grad_scores, 0.0) * (d**-0.5)).astype(q.dtype)
-    q_flat = q.reshape(b, kv, groups * s, d)
-    grad_q = batched_einsum("bkqt,bktd->bkqd", grad_scores, k).reshape(q.shape)
-    # [d, k] products, transposed after the barrier (which keeps XLA from folding the transposes back).
-    grad_k_t, grad_v_t = jax.lax.optimization_barrier((
-        batched_einsum("bkqd,bkqt->bkdt", q_flat, grad_scores),
-        batched_einsum("bkqd,bkqt->bkdt", grad_out, p.astype(grad_out.dtype))))
-    return (grad_q, grad_k_t.swapaxes(2, 3).astype(k.dtype), grad_v_t.swapaxes(2, 3).astype(v.dtype),
-            np.zeros(allowed.shape, jax.dtypes.float0))
-
-
-grouped_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array) -> jax.Array:
-    """`grouped_attention` over a KV cache, forward only, with batch and kv-heads as one leading axis.
-
-    Shapes: q ``[b, kv, groups, s, d]``; keys/values ``[b * kv, max_len, d]`` (the cache's layout);
-    allowed ``[b, s, max_len]`` -> ``[b, kv, groups, s, d]``.
-
-    The cache has no unit axis for XLA to drop: with ``[b, kv, max_len, d]`` arrays and ``b = 1``
-    XLA fused the cache update twice (into the returned cache and, through the reshape that drops
-    the unit axis, into the attention product), each on its own copy of the layer's cache: four
-    copies per layer and token.
-    """
-    b, kv, groups, s, d = q.shape
-    t = keys.shape[1]
-    q_flat = q.reshape(b * kv, groups * s, d)
-    scores = batched_einsum("nqd,ntd->nqt", q_flat, keys.astype(q.dtype)) * (d**-0.5)
-    scores = scores.reshape(b, kv, groups, s, t).astype(jnp.float32)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).reshape(b * kv, groups * s, t).astype(q.dtype)
-    return batched_einsum("nqt,ntd->nqd", probs, values.astype(q.dtype)).reshape(q.shape)
+ATTENTION_IMPLEMENTATIONS = ("blockwise", "dense")
 
 
 class LlamaAttention(nnx.Module):
@@ -199,9 +119,9 @@ class LlamaAttention(nnx.Module):
         self.v_proj = _linear(hidden, kv * d, config.attention_bias, dtype, rngs)
         self.o_proj = _linear(h * d, hidden, config.attention_bias, dtype, rngs)
 
-    def __call__(self, x, cos, sin, key_mask, query_positions, key_positions, cache_kv=None, same_segment=None):
-        """x ``[b, s, hidden]``; key_mask ``[b, k]`` bool; positions ``[b, s]`` / ``[b, k]``;
-        same_segment ``[b, s, k]`` bool or None (packed sequences: attend within one example only).
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache_kv=None, implementation: str = "blockwise"):
+        """x ``[b, s, hidden]``; mask: `AttentionMask` over the ``k`` keys (the s new ones, or the cache's
+        slots); implementation: "blockwise" (`blockwise_attention`) or "dense" (`grouped_attention`).
 
         With ``cache_kv = (keys, values, start)`` the new keys/values are written at ``start`` into
         the cached ``[b * kv, max_len, d]`` arrays, attention runs over all cached positions, and the
@@ -215,20 +135,27 @@ class LlamaAttention(nnx.Module):
         # (the cache is kept in that layout, so decoding does not transpose it at every token).
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         groups = self.num_heads // self.num_kv_heads
-        allowed = (key_positions[:, None, :] <= query_positions[:, :, None]) & key_mask[:, None, :]  # [b, q, k]
-        if same_segment is not None:
-            allowed = allowed & same_segment
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
         new_cache = None
-        if cache_kv is None:
-            out = grouped_attention(q, k, v, allowed)
-        else:
+        if cache_kv is not None:
             cached_k, cached_v, start = cache_kv
             new_k = k.reshape(b * self.num_kv_heads, s, self.head_dim).astype(cached_k.dtype)
             new_v = v.reshape(b * self.num_kv_heads, s, self.head_dim).astype(cached_v.dtype)
             new_cache = (jax.lax.dynamic_update_slice(cached_k, new_k, (0, start, 0)),
                          jax.lax.dynamic_update_slice(cached_v, new_v, (0, start, 0)))
-            out = cached_attention(q, *new_cache, allowed)
+            k, v = new_cache
+        if implementation == "blockwise":
+            # Over a cache, queries that fit one block (decoding, short prompts) take the cache as one key
+            # block: with one query row a loop over key blocks costs more per block than the block's
+            # products (experiments/results/attention.md).
+            single = cache_kv is not None and s <= DEFAULT_BLOCK_Q
+            out = blockwise_attention(q, k, v, mask, block_k=k.shape[1] if single else DEFAULT_BLOCK_K)
+        elif implementation == "dense":
+            dense = grouped_attention if cache_kv is None else cached_attention
+            out = dense(q, k, v, mask.dense())
+        else:
+            raise ValueError(f"attention implementation {implementation!r}: expected one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
         return self.o_proj(out), new_cache
 
@@ -279,9 +206,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, key_mask, query_positions, key_positions, cache_kv=None, same_segment=None):
-        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, query_positions, key_positions,
-                                         cache_kv, same_segment)
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache_kv=None, implementation: str = "blockwise"):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, implementation)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_cache
@@ -303,15 +229,22 @@ class LlamaForCausalLM(nnx.Module):
       compute_dtype: activation dtype (default float32).
       gradient_checkpointing: recompute each decoder layer in the backward pass (``nnx.remat``),
         trading one extra forward for not storing the layer's activations.
+      attention_implementation: "blockwise" (default; `jaxlora.nn.attention.blockwise_attention`,
+        memory linear in the sequence length) or "dense" (`grouped_attention`, the ``[s, s]`` scores
+        whole). An attribute: set it on a built model to switch.
       rngs: random streams for initialisation (random weights are for tests; real weights come
         from `torch_bridge.load_llama`).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, compute_dtype=jnp.float32,
-                 gradient_checkpointing: bool = False, rngs: nnx.Rngs):
+                 gradient_checkpointing: bool = False, attention_implementation: str = "blockwise", rngs: nnx.Rngs):
+        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_implementation {attention_implementation!r}: expected one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.gradient_checkpointing = gradient_checkpointing
+        self.attention_implementation = attention_implementation
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs)
         self.lm_head = nnx.data(None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size, False, dtype, rngs))
 
@@ -362,34 +295,16 @@ class LlamaForCausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
         x = self.model.embed_tokens(input_ids).astype(self.compute_dtype)
         cos, sin = rotary_cos_sin(position_ids, inverse_frequencies(self.config), self.compute_dtype)
-        same_segment = None
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
-            # Causality needs the token order, not position_ids (which restart in each segment).
-            order = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
-            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-        if cache is None:
-            key_mask, key_positions = mask, position_ids
-            query_positions = position_ids if segment_ids is None else order
-            if segment_ids is not None:
-                key_positions = order
-        else:
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
-            max_len = cache.mask.shape[1]
-            key_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (b, max_len))
-            # Causality by cache slot, not by position_ids (which only drive RoPE): a left-padded row
-            # has positions cumsum(mask) - 1 that lag its slots, and must still see its own tokens.
-            # Slots beyond what has been written are masked by key_mask (False there).
-            query_positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+        mask_spec = _attention_mask(mask, position_ids, segment_ids, cache, start)
+        implementation = self.attention_implementation
         keys, values = (None, None) if cache is None else (list(cache.keys), list(cache.values))
         for i, layer in enumerate(self.model.layers):
-            cache_kv = None if cache is None else (keys[i], values[i], start)
             if self.gradient_checkpointing and cache is None:
-                x, _ = nnx.remat(lambda layer, *args: layer(*args))(layer, x, cos, sin, key_mask, query_positions, key_positions,
-                                                                    None, same_segment)
+                x, _ = nnx.remat(lambda layer, *args: layer(*args, implementation=implementation))(
+                    layer, x, cos, sin, mask_spec)
             else:
-                x, layer_cache = layer(x, cos, sin, key_mask, query_positions, key_positions, cache_kv, same_segment)
+                cache_kv = None if cache is None else (keys[i], values[i], start)
+                x, layer_cache = layer(x, cos, sin, mask_spec, cache_kv, implementation)
                 if layer_cache is not None:
                     # Each layer's array is its own buffer (a loop carry in decoding), updated in place;
                     # re-stacking the layers into one [layers, ...] array copied the whole cache every token.
@@ -397,7 +312,26 @@ class LlamaForCausalLM(nnx.Module):
         x = self.model.norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(tuple(keys), tuple(values), start + s, key_mask)
+        return x, KVCache(tuple(keys), tuple(values), start + s, mask_spec.key_mask)
+
+
+def _attention_mask(mask, position_ids, segment_ids, cache: KVCache | None, start) -> AttentionMask:
+    """What generates the attention mask of ``[b, s]`` new tokens: over themselves, or over the cache's slots."""
+    b, s = mask.shape
+    order = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+    if cache is None:
+        if segment_ids is None:
+            return AttentionMask(position_ids, position_ids, mask)
+        # Causality needs the token order, not position_ids (which restart in each segment).
+        return AttentionMask(order, order, mask, segment_ids, segment_ids)
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+    max_len = cache.mask.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32)[None, :], (b, max_len))
+    # Causality by cache slot, not by position_ids (which only drive RoPE): a left-padded row has
+    # positions cumsum(mask) - 1 that lag its slots, and must still see its own tokens. Slots beyond
+    # what has been written are masked (False in the cache's mask).
+    return AttentionMask(order, slots, jax.lax.dynamic_update_slice(cache.mask, mask, (0, start)))
 
 
 def count_parameters(model: nnx.Module, filter=nnx.Param) -> int:

@@ -141,3 +141,48 @@ def test_packed_segments_do_not_attend_across_examples():
     alone_b = np.asarray(ours(jnp.asarray(b[None, :])))
     assert_rel_close(logits[0, :5], alone_a[0], 1e-5, "first packed example")
     assert_rel_close(logits[0, 5:9], alone_b[0], 1e-5, "second packed example")
+
+
+def test_blockwise_and_dense_attention_give_the_same_logits():
+    """The two attention kernels in the whole model, on the tokens that are real: padded rows (right and
+    left), packed rows, and decoding over a KV cache. Both are float32 with their own summation orders
+    (blockwise: per key block, rescaled; dense: whole rows): rounding only, as against transformers
+    above (1e-5 of the logits' scale). Padding queries differ by design (the blockwise kernel gives a
+    row that sees no key 0, the dense one the mean of the values) and never reach a real token."""
+    from jaxlora.models import KVCache
+
+    hf = hf_model("gqa-untied")
+    blockwise, dense = jax_from_hf(hf), jax_from_hf(hf)
+    assert blockwise.attention_implementation == "blockwise"
+    dense.attention_implementation = "dense"
+    rng = np.random.default_rng(4)
+    ids = jnp.asarray(rng.integers(0, 97, size=(3, 11)))
+    mask = np.ones((3, 11), np.int32)
+    mask[1, 8:], mask[2, :3] = 0, 0
+    real = mask.astype(bool)
+    assert_rel_close(np.asarray(blockwise(ids, jnp.asarray(mask)))[real], np.asarray(dense(ids, jnp.asarray(mask)))[real],
+                     1e-5, "padded rows")
+    segments = jnp.asarray([[1] * 5 + [2] * 4 + [0, 0]] * 3)
+    positions = jnp.asarray([list(range(5)) + list(range(4)) + [0, 0]] * 3)
+    packed = [np.asarray(model(ids, segments > 0, position_ids=positions, segment_ids=segments))[:, :9]
+              for model in (blockwise, dense)]
+    assert_rel_close(packed[0], packed[1], 1e-5, "packed rows")
+    decoded = []
+    for model in (blockwise, dense):
+        cache = KVCache.create(model.config, batch=3, max_len=16)
+        logits, cache = model(ids[:, :6], jnp.asarray(mask[:, :6]), cache=cache)
+        steps = [logits]
+        for t in range(6, 8):
+            logits, cache = model(ids[:, t : t + 1], cache=cache)
+            steps.append(logits)
+        decoded.append(np.asarray(jnp.concatenate(steps, axis=1))[real[:, :8]])
+    assert_rel_close(decoded[0], decoded[1], 1e-5, "decoding over a cache")
+
+
+def test_unknown_attention_implementation_is_an_error():
+    from flax import nnx
+
+    from jaxlora.models import LlamaForCausalLM
+
+    with pytest.raises(ValueError, match="'flash'.*blockwise"):
+        LlamaForCausalLM(LlamaConfig(**CONFIGS["bias"]), attention_implementation="flash", rngs=nnx.Rngs(0))
