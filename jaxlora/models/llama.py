@@ -14,9 +14,9 @@ is the same object on both sides):
       lm_head: Linear [vocab, hidden]   (absent when tie_word_embeddings)
 
 Every projection is a `jaxlora.nn.Linear` (or, after quantization / LoRA injection, a `Linear4bit` or
-`LoraLinear` in its place). The layers are a Python list, not a scanned stack: LoRA injection may
-give layers different structures (layers_to_transform, rank_pattern). Compilation time grows with
-depth; 30 layers (SmolLM2-135M) compile in seconds.
+`LoraLinear` in its place). The layers are an ``nnx.List``: LoRA injection may give layers different
+structures (layers_to_transform, rank_pattern). Identical layers can be stacked in place and run as one
+scanned body, whose compile time hardly grows with depth (`jaxlora.models.scan`; the trainer does this).
 
 Dtypes: parameters keep the dtype they were loaded in; the compute dtype (``dtype``) is the dtype of
 the activations: the embedding output is cast to it and each projection casts its weight to the
@@ -34,6 +34,7 @@ from flax import nnx
 
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from jaxlora.models.scan import each_layer, run_layers
 from jaxlora.nn.attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, AttentionMask, blockwise_attention,
                                   cached_attention, grouped_attention)
 from jaxlora.nn.linear import Linear, broadcast_last
@@ -227,8 +228,8 @@ class LlamaForCausalLM(nnx.Module):
       config: the architecture.
       dtype: parameter dtype of a freshly initialised model (loaders set parameters directly).
       compute_dtype: activation dtype (default float32).
-      gradient_checkpointing: recompute each decoder layer in the backward pass (``nnx.remat``),
-        trading one extra forward for not storing the layer's activations.
+      gradient_checkpointing: recompute each decoder layer in the backward pass (``nnx.remat``, or a
+        remat policy on the scanned body), trading one extra forward for not storing the layer's activations.
       attention_implementation: "blockwise" (default; `jaxlora.nn.attention.blockwise_attention`,
         memory linear in the sequence length) or "dense" (`grouped_attention`, the ``[s, s]`` scores
         whole). An attribute: set it on a built model to switch.
@@ -297,22 +298,17 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = rotary_cos_sin(position_ids, inverse_frequencies(self.config), self.compute_dtype)
         mask_spec = _attention_mask(mask, position_ids, segment_ids, cache, start)
         implementation = self.attention_implementation
-        keys, values = (None, None) if cache is None else (list(cache.keys), list(cache.values))
-        for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and cache is None:
-                x, _ = nnx.remat(lambda layer, *args: layer(*args, implementation=implementation))(
-                    layer, x, cos, sin, mask_spec)
-            else:
-                cache_kv = None if cache is None else (keys[i], values[i], start)
-                x, layer_cache = layer(x, cos, sin, mask_spec, cache_kv, implementation)
-                if layer_cache is not None:
-                    # Each layer's array is its own buffer (a loop carry in decoding), updated in place;
-                    # re-stacking the layers into one [layers, ...] array copied the whole cache every token.
-                    keys[i], values[i] = layer_cache
-        x = self.model.norm(x)
         if cache is None:
-            return x, None
-        return x, KVCache(tuple(keys), tuple(values), start + s, mask_spec.key_mask)
+            x = run_layers(self.model.layers, x, cos, sin, mask_spec, None, implementation,
+                           remat=self.gradient_checkpointing)
+            return self.model.norm(x), None
+        keys, values = list(cache.keys), list(cache.values)
+        for i, layer in enumerate(each_layer(self.model.layers)):
+            x, layer_cache = layer(x, cos, sin, mask_spec, (keys[i], values[i], start), implementation)
+            # Each layer's array is its own buffer (a loop carry in decoding), updated in place;
+            # re-stacking the layers into one [layers, ...] array copied the whole cache every token.
+            keys[i], values[i] = layer_cache
+        return self.model.norm(x), KVCache(tuple(keys), tuple(values), start + s, mask_spec.key_mask)
 
 
 def _attention_mask(mask, position_ids, segment_ids, cache: KVCache | None, start) -> AttentionMask:
