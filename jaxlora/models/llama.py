@@ -299,12 +299,12 @@ class LlamaForCausalLM(nnx.Module):
         mask_spec = _attention_mask(mask, position_ids, segment_ids, cache, start)
         implementation = self.attention_implementation
         if cache is None:
-            x = run_layers(self.model.layers, x, cos, sin, mask_spec, None, implementation,
+            x = run_layers(self.model.layers, x, cos, sin, mask_spec, None, implementation=implementation,
                            remat=self.gradient_checkpointing)
             return self.model.norm(x), None
         keys, values = list(cache.keys), list(cache.values)
         for i, layer in enumerate(each_layer(self.model.layers)):
-            x, layer_cache = layer(x, cos, sin, mask_spec, (keys[i], values[i], start), implementation)
+            x, layer_cache = layer(x, cos, sin, mask_spec, (keys[i], values[i], start), implementation=implementation)
             # Each layer's array is its own buffer (a loop carry in decoding), updated in place;
             # re-stacking the layers into one [layers, ...] array copied the whole cache every token.
             keys[i], values[i] = layer_cache

@@ -89,13 +89,13 @@ class StackedLayers(nnx.Module):
     def layer(self) -> nnx.Module:
         return getattr(self, STACKED_KEY)
 
-    def __call__(self, x: jax.Array, *args, remat: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *args, remat: bool = False, **static) -> jax.Array:
         graphdef, rng_state, weights = nnx.split(self.layer, nnx.RngState, ...)
 
         def body(x, per_layer):
             rng, w = per_layer
             layer = nnx.merge(graphdef, rng, w)
-            x, _ = layer(x, *args)
+            x, _ = layer(x, *args, **static)
             return x, nnx.state(layer, nnx.RngState)
 
         # Gradient checkpointing keeps only the body's inputs (the hidden states and the layer's slice of the
@@ -119,16 +119,17 @@ class StackedLayers(nnx.Module):
     __getitem__ = __iter__ = _refuse
 
 
-def run_layers(layers, x: jax.Array, *args, remat: bool = False) -> jax.Array:
-    """``x`` through every layer in order, ``x, _ = layer(x, *args)``: one scan over `StackedLayers`, a
-    Python loop over an ``nnx.List`` (``nnx.remat`` per layer when ``remat``)."""
+def run_layers(layers, x: jax.Array, *args, remat: bool = False, **static) -> jax.Array:
+    """``x`` through every layer in order, ``x, _ = layer(x, *args, **static)``: one scan over `StackedLayers`,
+    a Python loop over an ``nnx.List`` (``nnx.remat`` per layer when ``remat``). ``static``: keyword
+    arguments that are not arrays (e.g. the attention implementation), closed over rather than traced."""
     if isinstance(layers, StackedLayers):
-        return layers(x, *args, remat=remat)
+        return layers(x, *args, remat=remat, **static)
     for layer in layers:
         if remat:
-            x, _ = nnx.remat(lambda layer, *args: layer(*args))(layer, x, *args)
+            x, _ = nnx.remat(lambda layer, *args: layer(*args, **static))(layer, x, *args)
         else:
-            x, _ = layer(x, *args)
+            x, _ = layer(x, *args, **static)
     return x
 
 
