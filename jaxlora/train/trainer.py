@@ -23,6 +23,11 @@ gradients of the trainable parameters only, AdamW). Around it:
 - at the end: the PEFT adapter in ``adapter/`` (full fine-tuning: the HF checkpoint in ``model/``),
   ``summary.json`` and ``loss.png``.
 
+With ``model.scan_layers`` identical decoder layers run as one scanned body: the model is
+converted in place to its stacked form for the run, without a second copy of its weights, and back
+to per-layer form at the end however the run ends; checkpoints and best_adapter/ are written per
+layer meanwhile, so files are the same as with the loop (`jaxlora.models.scan`).
+
 Memory levers (see the configs): ``model.quantize`` (4-bit base weights, ~4.1 bits/param),
 ``model.gradient_checkpointing`` (recompute each layer: ~1 extra forward), ``optim.offload_optimizer_state``
 (AdamW moments in host memory: 8 bytes/trainable param off the accelerator, two copies per step),
@@ -49,6 +54,7 @@ from flax import nnx
 
 from jaxlora.atomic import atomic_write_json
 from jaxlora.data.sft import SFTTokenizer, batches, load_eval_data, load_sft_data, steps_per_epoch
+from jaxlora.models.scan import LayerStacking, per_layer_view, stack_layers, unstack_layers
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
@@ -213,6 +219,36 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, wrt, train_data, eval_data, model_dir = prepared if prepared is not None else setup(config)
+    if config.model.scan_layers:  # converted in place for the run, back before the files (module docstring)
+        stack_layers(model)  # layers that LoRA made different stay a loop, with a warning saying why
+    try:
+        run, started = _run(config, run_dir, model, wrt, train_data, eval_data, model_dir)
+    finally:
+        unstack_layers(model)
+
+    if wrt is not nnx.Param:
+        save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
+    else:  # full fine-tuning: the whole model, as an HF checkpoint
+        from torch_bridge import save_llama
+
+        save_llama(model, run_dir / "model", overwrite=True)
+    _plot(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    summary = {
+        "config": json.loads(json.dumps(config, default=lambda o: o.__dict__)),
+        "data": _data_summary(train_data, eval_data), **run, "wall_seconds": time.time() - started,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, model_dir) -> tuple[dict, float]:
+    """The training loop of `train` on ``model`` (stacked or per layer): the summary's figures of the run
+    and the time its clock started."""
+    from torch_bridge import save_peft_adapter
+
+    stacking = LayerStacking.of(model)  # None: per layer; else checkpoints and adapters convert at the boundary
+    per_layer = stacking.per_layer if stacking is not None else (lambda tree: tree)
     rows_per_step = config.run.batch_size * config.run.gradient_accumulation_steps
     per_epoch = steps_per_epoch(train_data, rows_per_step)
     total = config.run.max_steps if config.run.max_steps > 0 else math.ceil(config.run.num_epochs * per_epoch)
@@ -240,8 +276,9 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     if checkpointer.latest_step() is not None:
         # Only what trains is in the checkpoint: the frozen weights in `rest` are the base loaded again
         # (its fingerprint checked), the dropout RNG state in it comes from the checkpoint.
-        like = {"trainable": trainable, "opt_state": opt_state, "rng": nnx.split_state(rest, nnx.RngState, ...)[0]}
+        like = per_layer({"trainable": trainable, "opt_state": opt_state, "rng": nnx.split_state(rest, nnx.RngState, ...)[0]})
         state, meta = _restore(checkpointer, like, fingerprint, position_of)
+        state = stacking.stacked(state) if stacking is not None else state
         trainable, opt_state, rest = state["trainable"], state["opt_state"], nnx.merge_state(rest, state["rng"])
         start, best = meta["step"], meta["best_eval_loss"] if meta["best_eval_loss"] is not None else math.inf
         print(f"resuming from step {start}", file=sys.stderr)
@@ -252,7 +289,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     t0, tokens_seen, last_loss, eval_loss = time.time(), 0.0, math.nan, None
 
     def save(step):
-        state = {"trainable": trainable, "opt_state": opt_state, "rng": nnx.split_state(rest, nnx.RngState, ...)[0]}
+        state = per_layer({"trainable": trainable, "opt_state": opt_state, "rng": nnx.split_state(rest, nnx.RngState, ...)[0]})
         meta = {"step": step, **position_of(step), "best_eval_loss": None if math.isinf(best) else best,
                 "base": fingerprint}
         checkpointer.save(step, state, meta)
@@ -269,7 +306,8 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
             best = eval_loss
             if wrt is not nnx.Param:
                 nnx.update(model, trainable)
-                save_peft_adapter(model, run_dir / "best_adapter", base_model_name_or_path=str(model_dir))
+                adapter_model = per_layer_view(model, wrt) if stacking is not None else model
+                save_peft_adapter(adapter_model, run_dir / "best_adapter", base_model_name_or_path=str(model_dir))
 
     try:
         with open(metrics_path, "a") as log:
@@ -316,24 +354,12 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
         # keep a second copy of every trainable parameter for the whole run (all weights with full
         # fine-tuning). Not covered: XLA failing while it executes a step whose inputs it already took.
         nnx.update(model, trainable, nnx.split_state(rest, nnx.RngState, ...)[0])
+        # The model holds every value now; without these references (kept alive by a traceback too) the
+        # conversion back to per-layer form frees each stacked array as it goes.
+        trainable = rest = opt_state = None
     print(file=sys.stderr)
-
-    if wrt is not nnx.Param:
-        save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
-    else:  # full fine-tuning: the whole model, as an HF checkpoint
-        from torch_bridge import save_llama
-
-        save_llama(model, run_dir / "model", overwrite=True)
-    _plot(metrics_path, run_dir / "loss.png")
-    summary = {
-        "config": json.loads(json.dumps(config, default=lambda o: o.__dict__)),
-        "data": _data_summary(train_data, eval_data),
-        "steps": checkpointer.latest_step(), "total_steps": total, "interrupted": bool(interrupted),
-        "final_loss": last_loss, "final_eval_loss": eval_loss, "best_eval_loss": None if math.isinf(best) else best,
-        "wall_seconds": time.time() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    _write_json(run_dir / "summary.json", summary)
-    return summary
+    return {"steps": checkpointer.latest_step(), "total_steps": total, "interrupted": bool(interrupted),
+            "final_loss": last_loss, "final_eval_loss": eval_loss, "best_eval_loss": None if math.isinf(best) else best}, t0
 
 
 __all__ = ["BaseModelMismatchError", "ModelPathError", "TrainingError", "data_position", "resolve_model_path",

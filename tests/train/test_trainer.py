@@ -141,6 +141,37 @@ def test_trainer_killed_with_sigkill_resumes_bit_for_bit(tiny_model_dir, tmp_pat
     assert got == expected  # floats from the same bits: identical
 
 
+def test_scanned_and_looped_training_agree_file_for_file(tiny_model_dir, tmp_path):
+    """The trainer runs the identical layers as one scanned body (model.scan_layers, the default): the same
+    losses, adapters and checkpoint entries (per layer) as with the loop, dropout included; the model it
+    was given comes back per layer."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from jaxlora.train.trainer import setup
+
+    runs = {}
+    for scan in (True, False):
+        (tmp_path / str(scan)).mkdir()
+        config = make_config(tiny_model_dir, tmp_path / str(scan), model={"scan_layers": scan}, lora={"lora_dropout": 0.1},
+                             max_steps=4, eval_every=2, save_every=2, log_every=1)
+        prepared = setup(config)
+        train(config, prepared)
+        assert isinstance(prepared[0].base_model.model.layers, nnx.List)
+        run = tmp_path / str(scan) / "run"
+        runs[scan] = (_losses_by_step(run), load_file(str(run / "adapter" / "adapter_model.safetensors")),
+                      load_file(str(run / "best_adapter" / "adapter_model.safetensors")),
+                      checkpoint_arrays(run / "checkpoints" / "4"))
+    (losses, adapter, best, arrays), (loop_losses, loop_adapter, loop_best, loop_arrays) = runs[True], runs[False]
+    assert sorted(losses) == sorted(loop_losses) == [1, 2, 3, 4]
+    assert all(losses[k] == pytest.approx(loop_losses[k], rel=1e-5) for k in losses)
+    assert arrays == loop_arrays  # the same entries, shapes and dtypes: layer by layer
+    for got, expected in ((adapter, loop_adapter), (best, loop_best)):
+        assert sorted(got) == sorted(expected)
+        for key in expected:  # AdamW after 4 steps: a few float32 roundings apart, relative to each tensor's scale
+            assert np.max(np.abs(got[key] - expected[key])) <= 1e-4 * np.max(np.abs(expected[key])), key
+
+
 def test_full_finetuning_writes_the_model(tiny_model_dir, tmp_path):
     summary = train(make_config(tiny_model_dir, tmp_path, max_steps=6, full_finetune=True, eval_every=100))
     assert summary["steps"] == 6
@@ -309,6 +340,7 @@ def test_a_failed_run_leaves_the_model_usable_with_the_last_good_adapter(tiny_mo
     import jax
     import jax.numpy as jnp
 
+    from jaxlora.models.scan import LayerStacking
     from jaxlora.train import trainer
 
     config = make_config(tiny_model_dir, tmp_path, max_steps=6, save_every=100, eval_every=100)
@@ -325,7 +357,9 @@ def test_a_failed_run_leaves_the_model_usable_with_the_last_good_adapter(tiny_mo
             if failure == "nan_loss" and len(returned) == 3:  # NaN norms and embeddings: a NaN loss and gradients
                 rest = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest)
             out = step(trainable, rest, opt_state, micro)
-            returned.append((float(out[3]["loss"]), jax.tree.map(np.array, out[0])))
+            stacking = LayerStacking.of(model)  # the trainer runs the layers stacked (jaxlora.models.scan)
+            values = out[0] if stacking is None else stacking.per_layer(out[0])
+            returned.append((float(out[3]["loss"]), jax.tree.map(np.array, values)))
             return out
 
         return call
