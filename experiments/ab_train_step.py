@@ -59,7 +59,8 @@ def patches(name: str) -> list[tuple[object, str, object]]:
 
         return [(llama.LlamaAttention, "__call__", old_call)]
     if name == "dense":  # the dense attention kernel instead of the blockwise one (training: no cache)
-        return [(llama, "blockwise_attention", lambda q, k, v, mask: llama.grouped_attention(q, k, v, mask.dense()))]
+        dense = lambda q, k, v, mask, **blocks: llama.grouped_attention(q, k, v, mask.dense())
+        return [(llama, "blockwise_attention", dense)]
     if name == "mlp":
         return [(llama, "swiglu", lambda gate, up: jax.nn.silu(gate) * up)]
     if name == "loss":

@@ -51,29 +51,32 @@ Activations (bytes), ``T = batch * seq`` tokens, ``c`` = itemsize of the compute
     without checkpointing:  factor * (L * T * layer - T * first-layer saving + loss + transient)
     with checkpointing:     factor * (L * T * c * H + max(T * layer, loss) + transient)   ("gpu" only)
 
-What XLA keeps from a decoder layer for the backward pass, read from the live buffers at the peak of
-the compiled step and confirmed by how XLA's temporary bytes grow with each dimension and each set of
+What XLA keeps from a decoder layer for the backward pass, read from the live buffers at the peak of the
+compiled step and confirmed by how XLA's temporary bytes grow with each dimension and each set of
 adapted projections (experiments/activation_memory.py, experiments/results/memory_activations.md;
-float32: the formula above to the byte): the layer input and the residual after attention (H each,
-for the RMSNorms' backward), the rotated queries (q), keys and values (kv each), the attention
-output in its head-major layout (q) and the float32 logsumexp of each head's scores (the residuals of
-`jaxlora.nn.attention.blockwise_attention`; the dense kernel, `grouped_attention`, keeps the float32
-softmax probabilities ``[heads, seq]`` per token instead). When the sequence fits one query block the
-kernel's loops run once and XLA moves the cheap computation of the head-major queries (projection
-output, LoRA sum, rotary embedding, transpose) into both the forward and the backward loop instead of
-keeping q: what stays alive is rotate_half(q) and q_proj's output (its base and LoRA parts when q_proj
-is adapted), one or two arrays of q's size more (measured per layer with
-experiments/activation_memory.py; with several query blocks q is one buffer). Then the RMSNorms'
-1/rms and mean square (4 float32 per token), and in the MLP
-three intermediate-size arrays: sigmoid(gate) and silu(gate), and up. `jaxlora.models.llama.swiglu`'s
-custom gradient keeps only gate and up as its residuals and recomputes the sigmoid, but XLA merges
-that recomputation with the forward pass's identical one (common-subexpression elimination), so
-the forward's sigmoid(gate) and silu(gate) stay alive instead of gate; and an adapted up_proj's
-output ``base + lora`` is never one buffer: the sum is fused into its consumers, which keeps both
-addends. A LoRA branch keeps its (float32) input for the gradient of A and ``x A^T`` for the
-gradient of B; frozen projections keep nothing (`jaxlora.nn.linear4bit.quantized_matmul` keeps the
-4-bit weight, which is stored anyway). With a 16-bit compute dtype XLA's CPU backend keeps some of
-these in float32 (excess precision): up to 15 % above the formula in the measurements.
+float32: the formula above to the byte with the dense attention kernel, which those results were
+measured with; with the blockwise kernel XLA's per-layer growth on the tiny model is 0.2-2.3 % above it
+at 64, 512 and 1024 tokens and 7.6 % at 256, not accounted for to the byte: what is live at the end of
+the forward pass is what is listed here, the rest comes later in the backward pass): the layer input and
+the residual after attention (H each, for the RMSNorms' backward), the rotated queries (q), keys and
+values (kv each), the attention output in its head-major layout (q) and the float32 logsumexp of each
+head's scores (the residuals of `jaxlora.nn.attention.blockwise_attention`; the dense kernel,
+`grouped_attention`, keeps the float32 softmax probabilities ``[heads, seq]`` per token instead). When
+the sequence fits one query block the kernel's loops run once and XLA moves the cheap computation of the
+head-major queries (projection output, LoRA sum, rotary embedding, transpose) into both the forward and
+the backward loop instead of keeping q: what stays alive is rotate_half(q) and q_proj's output (its base
+and LoRA parts when q_proj is adapted), one or two arrays of q's size more (measured per layer with
+experiments/activation_memory.py; with several query blocks q is one buffer). Then the RMSNorms' 1/rms
+and mean square (4 float32 per token), and in the MLP three intermediate-size arrays: sigmoid(gate) and
+silu(gate), and up. `jaxlora.models.llama.swiglu`'s custom gradient keeps only gate and up as its
+residuals and recomputes the sigmoid, but XLA merges that recomputation with the forward pass's
+identical one (common-subexpression elimination), so the forward's sigmoid(gate) and silu(gate) stay
+alive instead of gate; and an adapted up_proj's output ``base + lora`` is never one buffer: the sum is
+fused into its consumers, which keeps both addends. A LoRA branch keeps its (float32) input for the
+gradient of A and ``x A^T`` for the gradient of B; frozen projections keep nothing
+(`jaxlora.nn.linear4bit.quantized_matmul` keeps the 4-bit weight, which is stored anyway). With a 16-bit
+compute dtype XLA's CPU backend keeps some of these in float32 (excess precision): up to 15 % above the
+formula in the measurements.
 
 ``factor`` (``ACTIVATION_FACTOR``) covers what XLA holds at the peak beyond what is kept: the working
 set of the last layer's backward pass (its gradients, ~50 MiB for SmolLM2-135M, about the same at

@@ -47,8 +47,8 @@ from jaxlora.nn.matmul import batched_einsum
 
 # Measured on the project's 2-core CPU (experiments/results/attention.md): larger blocks amortize the
 # loop and the block copies, smaller ones keep a block's scores in cache and skip more of the triangle.
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_K = 512
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 256
 
 
 def softmax_dtype(dtype) -> jnp.dtype:
@@ -280,8 +280,10 @@ def _backward(q, keys, values, mask: AttentionMask, out, lse, grad_out, block_q,
 
             # The cond returns the block's contributions only: with the dq carry passed through it, XLA
             # copied the whole dq array (three times) at every block pair.
-            zeros = lambda: (jnp.zeros((n, lay.groups * lay.bq, lay.d), acc), *[jnp.zeros((n, lay.d, lay.bk), acc)] * 2)
-            dq_block, dk_block, dv_block = jax.lax.cond(_nothing_allowed(queries, keys_j), zeros, contribute)
+            def nothing():
+                return jnp.zeros((n, lay.groups * lay.bq, lay.d), acc), *[jnp.zeros((n, lay.d, lay.bk), acc)] * 2
+
+            dq_block, dk_block, dv_block = jax.lax.cond(_nothing_allowed(queries, keys_j), nothing, contribute)
             dq, dk_t, dv_t = state
             return lay.add_query_block(dq, dq_block, q_start), dk_t + dk_block, dv_t + dv_block
 
@@ -289,8 +291,10 @@ def _backward(q, keys, values, mask: AttentionMask, out, lse, grad_out, block_q,
         # slower than those of dO^T P and Q^T dS, transposed once per key block here.
         zeros = jnp.zeros((n, lay.d, lay.bk), acc)
         dq, dk_t, dv_t = jax.lax.fori_loop(0, lay.nq, query_block, (dq, zeros, zeros))
-        add = lambda total, block_t: jax.lax.dynamic_update_slice_in_dim(
-            total, jax.lax.dynamic_slice_in_dim(total, k_start, lay.bk, axis=1) + block_t.swapaxes(1, 2), k_start, axis=1)
+
+        def add(total, block_t):
+            current = jax.lax.dynamic_slice_in_dim(total, k_start, lay.bk, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(total, current + block_t.swapaxes(1, 2), k_start, axis=1)
         return dq, add(dk, dk_t), add(dv, dv_t)
 
     init = (jnp.zeros(q.shape, acc), jnp.zeros(keys.shape, acc), jnp.zeros(values.shape, acc))
@@ -306,15 +310,16 @@ def _check(q, k, v, mask):
     b, kv, _, s, _ = q.shape
     t = k.shape[-2]
     expect = {"k": (k.shape, (b, kv, t, q.shape[-1])), "v": (v.shape, (b, kv, t, q.shape[-1])),
-              "query_positions": (mask.query_positions.shape, (b, s)), "key_positions": (mask.key_positions.shape, (b, t)),
-              "key_mask": (mask.key_mask.shape, (b, t))}
+              "query_positions": (mask.query_positions.shape, (b, s)),
+              "key_positions": (mask.key_positions.shape, (b, t)), "key_mask": (mask.key_mask.shape, (b, t))}
     if mask.query_segments is not None:
-        expect |= {"query_segments": (mask.query_segments.shape, (b, s)), "key_segments": (mask.key_segments.shape, (b, t))}
+        expect |= {"query_segments": (mask.query_segments.shape, (b, s)),
+                   "key_segments": (mask.key_segments.shape, (b, t))}
     for name, (shape, want) in expect.items():
-        flat_ok = name in "kv" and len(shape) == 3 and shape == (b * kv, *want[2:])
+        flat_ok = name in ("k", "v") and tuple(shape) == (b * kv, *want[2:])
         if tuple(shape) != want and not flat_ok:
             raise ValueError(f"blockwise_attention: {name} has shape {tuple(shape)}, expected {want} for q {q.shape}"
-                             + (f" (or {(b * kv, *want[2:])})" if name in "kv" else ""))
+                             + (f" (or {(b * kv, *want[2:])})" if name in ("k", "v") else ""))
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *,
@@ -325,7 +330,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attentio
       q: ``[b, kv_heads, groups, s, d]``.
       k, v: ``[b, kv_heads, t, d]``, or ``[b * kv_heads, t, d]`` (a KV cache's layout).
       mask: `AttentionMask` with ``[b, s]`` query and ``[b, t]`` key data.
-      block_q, block_k: rows per query / key block (default 512 / 512); any lengths work.
+      block_q, block_k: rows per query / key block (default 256 / 256); any lengths work.
     Returns ``[b, kv_heads, groups, s, d]`` in q's dtype; 0 for a query row that may see no key.
     """
     _check(q, k, v, mask)

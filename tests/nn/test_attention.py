@@ -309,7 +309,8 @@ def test_rows_without_keys():
     # 5-term float32 dot product, within gamma(5) + u (the weight's rounding) of mean(|v|).
     u = unit_roundoff(jnp.float32)
     bound = (gamma(5, u) + u) * np.abs(exact(v[0, 0])).mean(axis=0)
-    assert_within(out[0, 0, 0, 1], exact(v[0, 0]).mean(axis=0), bound, "output of a row with no allowed key", sharp=1e-5)
+    assert_within(out[0, 0, 0, 1], exact(v[0, 0]).mean(axis=0), bound, "output of a row with no allowed key",
+                  sharp=1e-5)
     dq, dk, dv = vjp(only_row_1)
     assert not np.any(np.asarray(dq)) and not np.any(np.asarray(dk))  # constant scores: nothing to move
     np.testing.assert_array_equal(np.asarray(dv[0, 0]), np.full((5, 4), np.float32(0.2)))  # fl(1/5) * 1
@@ -347,7 +348,8 @@ def test_skipped_blocks():
     order18 = np.arange(18, dtype=np.int32)[None, :]
     expected = np.tril(np.ones((5, 5), bool))
     expected[4, 3] = True  # tokens 14-15 of the last query block see block 3's keys
-    np.testing.assert_array_equal(computed_blocks(AttentionMask(order18, order18, np.ones((1, 18), bool)), 4, 4), expected)
+    causal18 = AttentionMask(order18, order18, np.ones((1, 18), bool))
+    np.testing.assert_array_equal(computed_blocks(causal18, 4, 4), expected)
     segments = np.repeat(np.arange(1, 5, dtype=np.int32), 4)[None, :]
     packed = AttentionMask(order, order, np.ones((1, s), bool), segments, segments)
     np.testing.assert_array_equal(computed_blocks(packed, 4, 4), np.eye(4, dtype=bool))
@@ -398,3 +400,15 @@ def test_bfloat16_products_take_bfloat16_operands():
             assert line.count("xf32>") == 3, line
         else:
             assert "xf32>" in line.split("->")[-1], line
+
+
+def test_shape_errors_name_the_array():
+    q = jnp.zeros((1, 2, 2, 5, 8))
+    k = jnp.zeros((1, 2, 7, 8))
+    order = np.arange(7, dtype=np.int32)[None]
+    good = AttentionMask(order[:, :5], order, np.ones((1, 7), bool))
+    assert blockwise_attention(q, k.reshape(2, 7, 8), k, good).shape == q.shape  # the cache's layout is fine
+    with pytest.raises(ValueError, match=r"key_mask has shape \(1, 5\), expected \(1, 7\)"):
+        blockwise_attention(q, k, k, good._replace(key_mask=np.ones((1, 5), bool)))
+    with pytest.raises(ValueError, match=r"v has shape \(1, 2, 6, 8\), expected \(1, 2, 7, 8\).*\(2, 7, 8\)"):
+        blockwise_attention(q, k, k[:, :, :6], good)
