@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.llama_config import LlamaConfig
+from jaxlora.models.recompute import recomputed_call
 from jaxlora.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from jaxlora.nn.linear import Linear, broadcast_last
 from jaxlora.nn.matmul import batched_einsum, linear_matmul
@@ -386,8 +387,7 @@ class LlamaForCausalLM(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             cache_kv = None if cache is None else (keys[i], values[i], start)
             if self.gradient_checkpointing and cache is None:
-                x, _ = nnx.remat(lambda layer, *args: layer(*args))(layer, x, cos, sin, key_mask, query_positions, key_positions,
-                                                                    None, same_segment)
+                x, _ = recomputed_call(layer, x, cos, sin, key_mask, query_positions, key_positions, None, same_segment)
             else:
                 x, layer_cache = layer(x, cos, sin, key_mask, query_positions, key_positions, cache_kv, same_segment)
                 if layer_cache is not None:
