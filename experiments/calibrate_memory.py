@@ -124,8 +124,10 @@ def estimate_for(spec: dict):
 def fit_constants(results: list[tuple[dict, dict]]) -> tuple[float, float]:
     """The two calibrated constants of `jaxlora.cli.memory` for the CPU, from these runs:
     the activation factor (geometric mean over the runs without checkpointing of XLA's temporaries
-    over the unscaled activation model) and the runtime (median over all runs of the peak RSS minus
-    every other term of the estimate, with the fitted factor)."""
+    over the unscaled activation model) and the runtime (the middle of the range over all runs of the
+    peak RSS minus every other term of the estimate, with the fitted factor: the runs' checkpointed
+    QLoRA programs leave ~300 MiB more compiler heap than the others, and the middle of the range
+    keeps every run within half of that, the tolerance tests/cli/test_memory.py derives)."""
     from jaxlora.cli.memory import ACTIVATION_FACTOR
 
     logs = [math.log(m["xla_temp"] * ACTIVATION_FACTOR["cpu"] / estimate_for(s).activations) for s, m in results if not s["grad_ckpt"]]
@@ -135,7 +137,7 @@ def fit_constants(results: list[tuple[dict, dict]]) -> tuple[float, float]:
         est = estimate_for(spec)
         others = est.total() - est.runtime - est.activations
         residuals.append(m["peak"] - others - est.activations * factor / ACTIVATION_FACTOR["cpu"])
-    return factor, statistics.median(residuals)
+    return factor, (min(residuals) + max(residuals)) / 2
 
 
 def calibration_table(results: list[tuple[dict, dict]]) -> tuple[list[str], float]:
@@ -231,9 +233,12 @@ def notes(results: list[tuple[dict, dict]]) -> list[str]:
         "state (jaxlora/train/step.py) and the estimator's `frozen_state_copies` is 0. The same 8 runs before the "
         "fix are kept in experiments/results/memory_runs_before_fix.json. On a GPU this is the difference between "
         f"{big[0]:.0f} and {big[1]:.0f} GiB for 65B QLoRA.",
-        "- **Gradient checkpointing saves little on XLA's CPU backend.** XLA's temporaries with checkpointing over "
-        "without: " + ", ".join(ckpt) + f"; peak RSS with over without: {min(peak_ckpt):.2f}-{max(peak_ckpt):.2f}. The "
-        "estimator counts checkpointed CPU runs as unchecked (jaxlora/cli/memory.py explains why).",
+        "- **Gradient checkpointing.** XLA's temporaries with checkpointing over without: " + ", ".join(ckpt)
+        + f"; peak RSS with over without: {min(peak_ckpt):.2f}-{max(peak_ckpt):.2f}. Checkpointed layers recompute "
+        "behind a data dependency on their gradient (jaxlora/models/recompute.py) and the step is compiled with XLA's "
+        "default scheduler; with `nnx.remat` and the memory-optimized scheduler these ratios were 0.96-1.04 and "
+        "1.01-1.04 (experiments/results/memory_runs_remat.json) and the estimator counted checkpointed CPU runs as "
+        "unchecked.",
         "- **The activation term counts what XLA keeps.** The estimator's per-layer term is the bytes a decoder layer "
         "keeps in XLA's compiled step, to the byte in float32 (experiments/results/memory_activations.md); the "
         "fitted factor stands for the working set at the peak (the last layer's gradients), about the same amount at "

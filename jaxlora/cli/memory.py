@@ -49,7 +49,9 @@ Activations (bytes), ``T = batch * seq`` tokens, ``c`` = itemsize of the compute
     transient:         one dequantized projection in the compute dtype (QLoRA), or one cast copy when
                        the parameter dtype is not the compute dtype
     without checkpointing:  factor * (L * T * layer - T * first-layer saving + loss + transient)
-    with checkpointing:     factor * (L * T * c * H + max(T * layer, loss) + transient)   ("gpu" only)
+    with checkpointing:     factor * (L * T * c * H + max((1 + w) * T * layer, loss) + transient)
+                            (w = ``RECOMPUTED_LAYER_WORKING_SET``: the cotangents a recomputed layer's
+                            backward pass holds beside its activations, as a share of them)
 
 What XLA keeps from a decoder layer for the backward pass, read from the live buffers at the peak of the
 compiled step and confirmed by how XLA's temporary bytes grow with each dimension and each set of
@@ -78,25 +80,26 @@ gradient of A and ``x A^T`` for the gradient of B; frozen projections keep nothi
 compute dtype XLA's CPU backend keeps some of these in float32 (excess precision): up to 15 % above the
 formula in the measurements.
 
-``factor`` (``ACTIVATION_FACTOR``) covers what XLA holds at the peak beyond what is kept: the working
-set of the last layer's backward pass (its gradients, ~50 MiB for SmolLM2-135M, about the same at
-2x256 and 8x256 tokens): fitted, as the geometric mean of XLA's own memory analysis (temporary
-buffers of the compiled step) over the formula, on the SmolLM2-135M runs without checkpointing of
-experiments/results/memory.md, whose temporaries, with and without checkpointing, are 0.98-1.02
-times the fitted estimate. The GPU uses the same factor, unmeasured.
+``factor`` (``ACTIVATION_FACTOR``) covers what XLA holds at the peak beyond what is kept: fitted, as
+the geometric mean of XLA's own memory analysis (temporary buffers of the compiled step) over the
+formula, on the SmolLM2-135M runs without checkpointing of experiments/results/memory.md: 1.001
+with XLA's default scheduler (1.038 with the memory-optimized one the step used before, which also
+held the last layer's backward working set, ~50 MiB). Those runs' temporaries, checkpointed runs
+included, are 1.00-1.05 times the fitted estimate. The GPU uses the same factor, unmeasured.
 
-Gradient checkpointing on XLA's CPU backend saves far less than the formula says: the barrier that
-keeps a layer's recomputation in the backward pass is removed before scheduling, and the scheduler
-runs part of the recomputation (and keeps big cotangents for late parameter-gradient products)
-early; with the memory-optimized CPU scheduler of `jaxlora.train.step` XLA's temporaries still
-shrink only to 0.75-0.87 of the run without checkpointing, and the peak RSS not at all. ``platform="cpu"`` therefore counts
-checkpointed runs as unchecked (an over-estimate of up to a third of the activations). GPU backends
-expand the barrier after scheduling, where the formula applies (not measured here).
+Gradient checkpointing: each checkpointed decoder layer keeps only its input, and its recomputation
+runs behind a data dependency on its output's cotangent (`jaxlora.models.recompute`), so one
+layer's activations exist at a time, on XLA's CPU backend too (XLA's temporary bytes per added layer:
+the layer input, experiments/results/big_model.md). The SmolLM2 runs of experiments/results/memory.md
+predate that: they used ``nnx.remat``, whose barrier XLA's CPU compiler removes before scheduling,
+and checkpointing saved little there.
 
 Runtime (per platform): CPU: a constant fitted on the peak RSS of 8 SmolLM2-135M runs
-(`experiments/calibrate_memory.py`, median of peak minus every other term): the Python process with
-jax imported (~160 MiB), the loader's leftovers, the compiler's heap kept by the allocator, the
-executable, and the allocator's fragmentation. It grows with the compiled program (deeper models).
+(`experiments/calibrate_memory.py`, the middle of the range of peak minus every other term): the
+Python process with jax imported (~160 MiB), the loader's leftovers, the compiler's heap kept by the
+allocator, the executable, and the allocator's fragmentation. It grows with the compiled program
+(checkpointed QLoRA programs leave ~300 MiB more than the others on SmolLM2); the Llama-2-7B-shaped
+QLoRA run of experiments/results/big_model.md (32 layers, bf16) is within 3 % of the estimate.
 GPU: an assumption, not a measurement: the CUDA context, XLA's 32 MiB matmul workspace (measured on
 an H100, experiments/results/gpu.md) and the executable, rounded up to 1 GiB. JAX preallocates 75 %
 of a GPU by default; the estimate is what the run needs, not what JAX reserves.
@@ -121,7 +124,7 @@ PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}  # jax device platforms that m
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Fitted on experiments/results/memory.md (CPU) / assumed (GPU); see the module docstring.
-RUNTIME_BYTES = {"cpu": 1099 * 2**20, "gpu": 1 * GIB}
+RUNTIME_BYTES = {"cpu": 1190 * 2**20, "gpu": 1 * GIB}
 OPTIMIZER_COUNTERS = 8  # int32 step counts of scale_by_adam and of the learning-rate schedule
 ADAPTER_BYTES = 4  # LoRA weights are float32 (PEFT's autocast_adapter_dtype)
 
@@ -135,7 +138,12 @@ LOGITS_COPIES = 2  # unchunked: the whole logits (kept for the backward pass) an
 # What XLA holds at the peak beyond what the layers keep (the last layer's backward working set):
 # fitted on the XLA memory analysis of the 4 SmolLM2 runs without checkpointing in
 # experiments/results/memory.md (CPU); the GPU uses the same factor (not measured).
-ACTIVATION_FACTOR = {"cpu": 1.038, "gpu": 1.038}
+ACTIVATION_FACTOR = {"cpu": 1.001, "gpu": 1.001}
+# With checkpointing, the peak is one recomputed layer's backward pass: its activations and, at the
+# same time, cotangents worth this share of them. Fitted on the checkpointed SmolLM2 runs of
+# experiments/results/memory.md at 8x256 tokens (XLA's temporaries 311 and 314 MiB: 0.61 on both; at 2x256 the loss
+# term is the larger one).
+RECOMPUTED_LAYER_WORKING_SET = 0.61
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,8 +349,7 @@ def estimate_memory(shape: ModelShape, *, method: str = "qlora", rank: int = 16,
     moments = 2 * trainable + OPTIMIZER_COUNTERS
     frozen = 0 if method == "full" else frozen_state_copies * (weights + constants)
 
-    activations = _activations(shape, names, rank, batch, seq, c, grad_ckpt and platform == "gpu", method == "full",
-                               attention)
+    activations = _activations(shape, names, rank, batch, seq, c, grad_ckpt, method == "full", attention)
     if method == "qlora" or param_bytes != c:  # one dequantized (or cast) projection at a time
         activations += max(o * i for o, i in projections.values()) * c
     activations = math.ceil(ACTIVATION_FACTOR[platform] * activations)
@@ -398,7 +405,8 @@ def _activations(shape: ModelShape, names: tuple[str, ...], rank: int, batch: in
     layer = tokens * _layer_bytes_per_token(shape, names, rank, seq, c, full, attention)
     loss = _loss_bytes(shape, names, rank, tokens, c)
     if checkpointed:  # layer inputs saved; one layer recomputed at a time, after the loss is done
-        return tokens * shape.num_hidden_layers * c * shape.hidden_size + max(layer, loss)
+        recomputed = math.ceil((1 + RECOMPUTED_LAYER_WORKING_SET) * layer)
+        return tokens * shape.num_hidden_layers * c * shape.hidden_size + max(recomputed, loss)
     first_layer_saving = 0 if full else tokens * _first_layer_saving(shape, c)  # full: the embedding trains
     return shape.num_hidden_layers * layer - first_layer_saving + loss
 

@@ -228,8 +228,9 @@ class LlamaForCausalLM(nnx.Module):
       config: the architecture.
       dtype: parameter dtype of a freshly initialised model (loaders set parameters directly).
       compute_dtype: activation dtype (default float32).
-      gradient_checkpointing: recompute each decoder layer in the backward pass (``nnx.remat``, or a
-        remat policy on the scanned body), trading one extra forward for not storing the layer's activations.
+      gradient_checkpointing: recompute each decoder layer in the backward pass
+        (`jaxlora.models.recompute.recomputed_call` per layer, or a remat policy on the scanned body),
+        trading one extra forward for not storing the layer's activations.
       attention_implementation: "blockwise" (default; `jaxlora.nn.attention.blockwise_attention`,
         memory linear in the sequence length) or "dense" (`grouped_attention`, the ``[s, s]`` scores
         whole). An attribute: set it on a built model to switch.

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.models.llama_config import LlamaConfig
+from jaxlora.models.recompute import recomputed_call
 
 STACKED_KEY = "stacked_layer"
 """Attribute of `StackedLayers` holding the stacked layer; in state paths it stands where the layer index stood."""
@@ -121,13 +122,14 @@ class StackedLayers(nnx.Module):
 
 def run_layers(layers, x: jax.Array, *args, remat: bool = False, **static) -> jax.Array:
     """``x`` through every layer in order, ``x, _ = layer(x, *args, **static)``: one scan over `StackedLayers`,
-    a Python loop over an ``nnx.List`` (``nnx.remat`` per layer when ``remat``). ``static``: keyword
+    a Python loop over an ``nnx.List`` (`jaxlora.models.recompute.recomputed_call` per layer when ``remat``:
+    ``nnx.remat``'s recomputation is scheduled early by XLA's CPU compiler). ``static``: keyword
     arguments that are not arrays (e.g. the attention implementation), closed over rather than traced."""
     if isinstance(layers, StackedLayers):
         return layers(x, *args, remat=remat, **static)
     for layer in layers:
         if remat:
-            x, _ = nnx.remat(lambda layer, *args: layer(*args, **static))(layer, x, *args)
+            x, _ = recomputed_call(layer, x, *args, **static)
         else:
             x, _ = layer(x, *args, **static)
     return x

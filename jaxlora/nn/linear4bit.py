@@ -9,12 +9,16 @@ quantized tensor itself; the backward pass dequantizes again.
 
 Two XLA behaviours would undo that: a weight dequantization depends on no activation, so XLA is
 free to schedule the dequantizations of all layers at the start of the program; and
-common-subexpression elimination merges the backward's dequantization with the forward's. Either
-brings the long-lived dense copies back. Both are blocked by making each dequantization depend on
+common-subexpression elimination merges the backward's dequantization with the forward's; and in a
+loop (token-by-token decoding is a ``lax.while_loop``), loop-invariant code motion computes whatever
+depends only on the weights once, before the loop, for every layer at once: the unpacked int32 code
+indices alone are 4 bytes per parameter (27.8 GB for Llama-2-7B, experiments/results/big_model.md).
+Each brings long-lived dense copies back. All are blocked by making each dequantization depend on
 the data it is used with: the code table and the block scales are multiplied by ``1 + 0 * x[0]`` in
 the forward and ``1 + 0 * g[0]`` in the backward, an exact 1.0 that changes no bit for finite
-inputs (a non-finite ``x[0]`` or ``g[0]`` turns the result into NaN). ``optimization_barrier`` does
-not prevent either on XLA's CPU backend; tests/nn/test_linear4bit.py measures the peak memory.
+inputs (a non-finite ``x[0]`` or ``g[0]`` turns the result into NaN), and the packed codes (and the
+8-bit scale codes of double quantization) are XORed with ``x[0] != x[0]`` (0 unless ``x[0]`` is NaN). ``optimization_barrier`` does not prevent
+any of this on XLA's CPU backend; tests/nn/test_linear4bit.py measures the peak memory.
 """
 
 from __future__ import annotations
@@ -54,9 +58,16 @@ def quantized_matmul(x: jax.Array, q: QuantizedTensor, compute_dtype) -> jax.Arr
 
 def _dequantize_after(q: QuantizedTensor, data: jax.Array, dtype) -> jax.Array:
     """Dequantize ``q``, with a data dependency on ``data`` (see the module docstring)."""
-    one = 1.0 + 0.0 * data.reshape(-1)[0].astype(jnp.float32)
+    first = data.reshape(-1)[0].astype(jnp.float32)
+    one = 1.0 + 0.0 * first
     table = jnp.asarray(DECODE_4BIT[q.quant_type]) * one
-    return decode_4bit(q, block_scales(q) * one, table, dtype)
+    flip = first != first  # False unless first is NaN (then the output is NaN anyway)
+
+    def tie(leaf):  # the packed codes, and the 8-bit scale codes of double quantization
+        return leaf ^ flip.astype(leaf.dtype) if jnp.issubdtype(leaf.dtype, jnp.integer) else leaf
+
+    tied = jax.tree.map(tie, q)
+    return decode_4bit(tied, block_scales(tied) * one, table, dtype)
 
 
 def _quantized_matmul_fwd(x, q, compute_dtype):

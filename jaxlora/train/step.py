@@ -161,15 +161,15 @@ def _forward_loss(model, batch):
 def compiler_options() -> dict[str, str] | None:
     """XLA options for the compiled training step on the current backend (None: XLA's defaults).
 
-    On CPU, XLA's default instruction scheduler orders for concurrency and starts work as early as
-    its inputs allow; for a backward pass that means recomputing every checkpointed layer (and every
-    4-bit dequantization) long before its gradient arrives, so gradient checkpointing saved no memory:
-    SmolLM2-135M LoRA, 4x256 tokens, XLA temporary buffers 2.7 GiB with checkpointing on. The
-    memory-optimized scheduler keeps recomputation next to its use (measured effect in
-    experiments/results/train.md). GPU backends schedule for memory already.
+    None everywhere now. XLA's memory-optimized CPU scheduler (``xla_cpu_scheduler_type:
+    CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``) was used while gradient checkpointing was ``nnx.remat``,
+    whose recomputation the default scheduler ran long before its gradient arrived. Checkpointed
+    layers now recompute behind a data dependency on the cotangent (`jaxlora.models.recompute`), and
+    with that the memory-optimized scheduler is the worse one: it kept most of each layer's
+    activations alive anyway (XLA's temporary bytes of the QLoRA step per added decoder layer, hidden
+    512, 512 tokens, bf16: 16.5 MiB with it, 1.0 MiB with the default; float32 dense LoRA: 27.7 vs
+    13.6 MiB; without checkpointing 41.7 MiB either way; experiments/results/big_model.md).
     """
-    if jax.default_backend() == "cpu":
-        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
     return None
 
 

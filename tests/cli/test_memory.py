@@ -147,13 +147,12 @@ def test_activations_grow_with_batch_sequence_and_rank():
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_checkpointing_lowers_activations_on_gpu_only(method):
+def test_checkpointing_lowers_activations(method):
     shape = ModelShape.preset("7b")
     kw = {"method": method, "batch": 4, "seq": 1024, "dtype": "bfloat16"}
-    gpu = [estimate_memory(shape, platform="gpu", grad_ckpt=c, **kw).activations for c in (False, True)]
-    assert gpu[1] < gpu[0] / 5
-    cpu = [estimate_memory(shape, platform="cpu", grad_ckpt=c, **kw).activations for c in (False, True)]
-    assert cpu[0] == cpu[1]  # XLA's CPU scheduler undoes the recomputation (module docstring)
+    for platform in ("gpu", "cpu"):
+        plain, ckpt = (estimate_memory(shape, platform=platform, grad_ckpt=c, **kw).activations for c in (False, True))
+        assert ckpt < plain / 5, platform
 
 
 def _compiled_temp_bytes(overrides: dict, method: str, batch: int, seq: int, rank: int, targets="all-linear"):
@@ -180,7 +179,7 @@ def _xla_temp_bytes(method: str, batch: int, seq: int):
 def test_activation_model_against_xla_memory_analysis():
     """The activation estimate against XLA's temporary buffers of the compiled step (CPU), SmolLM2's
     widths with 2 layers. Above: the formula counts what the backward pass keeps (to the byte per
-    layer, next test), so it exceeds XLA only by the factor (1.038) and the loss chunk's padding:
+    layer, next test), so it exceeds XLA only by the factor (1.001) and the loss chunk's padding:
     < 1.1. Below: XLA also holds the working set of the last layer's backward pass at the peak, which
     the formula leaves to the factor (fitted on 30 layers); with 2 layers that is up to a third of
     the total: > 0.7. Doubling the tokens adds what the formula adds per token (the working set
@@ -265,7 +264,8 @@ def test_totals_are_within_the_spread_of_the_measured_runs():
     cannot follow, taken from the runs themselves: half the range across runs of the compiler heap
     left after compiling and of the loader's leftovers (QLoRA's and checkpointed programs are bigger),
     plus the largest growth of the peak between step 1 and 3 and the largest distance of XLA's
-    temporaries from the activation estimate (~330 MiB here, 14 % of the smallest peak)."""
+    temporaries from the activation estimate (~320 MiB here, 19 % of the smallest peak: with
+    checkpointing that works, the checkpointed runs' peaks, 1.7-2.0 GiB, are mostly the runtime)."""
     runs = _measured_runs()
     spread = lambda values: (max(values) - min(values)) / 2
     compiler = spread([m["rss_compiled"] - m["rss_loaded"] for _, m, _ in runs])
@@ -274,7 +274,7 @@ def test_totals_are_within_the_spread_of_the_measured_runs():
     creep = max(m["peak_steps"][-1] - m["peak_steps"][0] for _, m, _ in runs)
     activations = max(abs(m["xla_temp"] - est.activations) for _, m, est in runs)
     tolerance = compiler + loader + creep + activations
-    assert tolerance < 0.15 * min(m["peak"] for _, m, _ in runs), f"{tolerance / MIB:.0f} MiB: the check would be vacuous"
+    assert tolerance < 0.2 * min(m["peak"] for _, m, _ in runs), f"{tolerance / MIB:.0f} MiB: the check would be vacuous"
     for spec, m, est in runs:
         assert abs(est.total() - m["peak"]) <= tolerance, (spec, est.total() / MIB, m["peak"] / MIB, tolerance / MIB)
 
