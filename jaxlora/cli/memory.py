@@ -26,8 +26,6 @@ Activations (bytes), ``T = batch * seq`` tokens, ``c`` = itemsize of the compute
     layer, per token:  c * (2 H + q + 2 kv + 3 I)     always kept (below)
                      + c * q + 4 * heads + 16          attention output and float32 row logsumexp (blockwise
                                                        attention); RMSNorm statistics
-                     + c * q (+ a * q if A has q_proj) if seq <= the query block: what XLA keeps of the
-                                                       queries besides q (below)
                        (attention="dense": 4 * heads * seq, the float32 probabilities, instead of the
                        attention terms above)
                      + a * H   if A has q/k/v_proj     their input (input_layernorm's output)
@@ -57,18 +55,12 @@ What XLA keeps from a decoder layer for the backward pass, read from the live bu
 compiled step and confirmed by how XLA's temporary bytes grow with each dimension and each set of
 adapted projections (experiments/activation_memory.py, experiments/results/memory_activations.md;
 float32: the formula above to the byte with the dense attention kernel, which those results were
-measured with; with the blockwise kernel XLA's per-layer growth on the tiny model is 0.2-2.3 % above it
-at 64, 512 and 1024 tokens and 7.6 % at 256, not accounted for to the byte: what is live at the end of
-the forward pass is what is listed here, the rest comes later in the backward pass): the layer input and
-the residual after attention (H each, for the RMSNorms' backward), the rotated queries (q), keys and
-values (kv each), the attention output in its head-major layout (q) and the float32 logsumexp of each
-head's scores (the residuals of `jaxlora.nn.attention.blockwise_attention`; the dense kernel,
-`grouped_attention`, keeps the float32 softmax probabilities ``[heads, seq]`` per token instead). When
-the sequence fits one query block the kernel's loops run once and XLA moves the cheap computation of the
-head-major queries (projection output, LoRA sum, rotary embedding, transpose) into both the forward and
-the backward loop instead of keeping q: what stays alive is rotate_half(q) and q_proj's output (its base
-and LoRA parts when q_proj is adapted), one or two arrays of q's size more (measured per layer with
-experiments/activation_memory.py; with several query blocks q is one buffer). Then the RMSNorms' 1/rms
+measured with; with the blockwise kernel XLA's per-layer growth on the tiny model is within 0.1 % of it
+at 64, 256, 512 and 1024 tokens): the layer input and the residual after attention (H each, for the
+RMSNorms' backward), the rotated queries (q), keys and values (kv each), the attention output in its
+head-major layout (q) and the float32 logsumexp of each head's scores (the residuals of
+`jaxlora.nn.attention.blockwise_attention`; the dense kernel, `grouped_attention`, keeps the float32
+softmax probabilities ``[heads, seq]`` per token instead). Then the RMSNorms' 1/rms
 and mean square (4 float32 per token), and in the MLP three intermediate-size arrays: sigmoid(gate) and
 silu(gate), and up. `jaxlora.models.llama.swiglu`'s custom gradient keeps only gate and up as its
 residuals and recomputes the sigmoid, but XLA merges that recomputation with the forward pass's
@@ -112,7 +104,6 @@ import math
 from collections.abc import Sequence
 
 from jaxlora.models.llama import ATTENTION_IMPLEMENTATIONS
-from jaxlora.nn.attention import DEFAULT_BLOCK_Q
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.quant.codebooks import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, SUPPORTED_QUANT_TYPES
 from jaxlora.train.step import LOSS_CHUNK_TOKENS
@@ -371,8 +362,6 @@ def _layer_bytes_per_token(shape: ModelShape, names: tuple[str, ...], rank: int,
         kept += 4 * heads * seq
     else:
         kept += c * q + 4 * heads
-        if seq <= DEFAULT_BLOCK_Q:  # XLA keeps what the queries are computed from (module docstring)
-            kept += c * q + (ADAPTER_BYTES * q if "q_proj" in adapted else 0)
     kept += NORM_STATISTICS_BYTES
     if full:  # every projection's input for its weight gradient; the norms' inputs times 1/rms for theirs
         return kept + c * (h + q + h + i) + 2 * c * h
