@@ -137,8 +137,8 @@ def longest(opts, model: str) -> list[dict]:
 def report(rows, longest_rows, *, command, info, load, elapsed, opts) -> str:
     lines = ["# Training against sequence length: jaxlora vs transformers + PEFT (SDPA attention)", "",
              f"Command: `{command}`", "", "Machine: " + "; ".join(info), "",
-             f"Load average (1, 5, 15 min) at the start {load[0]}, at the end {load[1]}; other jobs shared the "
-             "machine (see the closing note of the run). Benchmark wall time: "
+             f"Load average (1, 5, 15 min) at the start {load[0]}, at the end {load[1]} (above 0.2 means other "
+             "processes shared the machine). Benchmark wall time: "
              f"{elapsed:.0f} s. Memory limit per process: {opts.mem_limit_gb:g} GB resident.", "",
              "SmolLM2-135M-Instruct, float32, random tokens all in the loss, LoRA r=16 / alpha 32 on all 7 "
              "projections, AdamW; tokens/s = tokens per step / median step time (2-3 steps after 1 warm-up step).", ""]
