@@ -1,4 +1,4 @@
-"""python experiments/bench_seq.py --markdown experiments/results/train_seq.md --plot experiments/results/train_seq.png
+"""python experiments/bench_seq.py --json experiments/results/train_seq.json --markdown experiments/results/train_seq.md --plot experiments/results/train_seq.png
 
 Training throughput and peak memory against sequence length, jaxlora against transformers + PEFT (+
 bitsandbytes; torch's default SDPA attention), both measured in one run on the same machine: for each
@@ -11,8 +11,9 @@ step time after the warm-up steps.
 A process whose resident memory passes ``--mem-limit-gb`` (default 20 GB of this machine's 24) is killed
 and reported as out of memory, at the length it reached; so is one that fails with an allocation error.
 ``--longest`` instead searches, for QLoRA with checkpointing, the longest sequence each side trains one
-step on within the memory limit (doubling from 2048; a length that passes the time limit is reported as
-such, not as out of memory).
+step on within the memory limit (doubling from ``--longest-start``, 2048; a length that passes the time
+limit is reported as such, not as out of memory). ``--json`` keeps the rows: several invocations (some
+lengths, some configurations, the search) add to one report.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import ROOT, child_env, load_average, machine_info, probe_environment  # noqa: E402
@@ -119,8 +121,8 @@ def sweep(opts, model: str) -> list[dict]:
 
 def longest(opts, model: str) -> list[dict]:
     rows = []
-    for framework in ("jax", "torch"):
-        seq = 2048
+    for framework in opts.longest_sides.split(","):
+        seq = opts.longest_start
         while seq <= opts.longest_max:
             case = {"framework": framework, "method": "qlora", "ckpt": True, "batch": 1, "seq": seq,
                     "steps": 1, "warmup": 0, "model": model}
@@ -134,12 +136,13 @@ def longest(opts, model: str) -> list[dict]:
     return rows
 
 
-def report(rows, longest_rows, *, command, info, load, elapsed, opts) -> str:
+def report(rows, longest_rows, *, runs, info, opts) -> str:
     lines = ["# Training against sequence length: jaxlora vs transformers + PEFT (SDPA attention)", "",
-             f"Command: `{command}`", "", "Machine: " + "; ".join(info), "",
-             f"Load average (1, 5, 15 min) at the start {load[0]}, at the end {load[1]} (above 0.2 means other "
-             "processes shared the machine). Benchmark wall time: "
-             f"{elapsed:.0f} s. Memory limit per process: {opts.mem_limit_gb:g} GB resident.", "",
+             "Machine: " + "; ".join(info), "", f"Memory limit per process: {opts.mem_limit_gb:g} GB resident. "
+             "Load average (1, 5, 15 min) at the start and end of each command (above 0.2 means other processes "
+             "shared the machine):", ""]
+    lines += [f"- `{run['command']}`: {run['elapsed_s']:.0f} s; load {run['load'][0]} -> {run['load'][1]}" for run in runs]
+    lines += ["",
              "SmolLM2-135M-Instruct, float32, random tokens all in the loss, LoRA r=16 / alpha 32 on all 7 "
              "projections, AdamW; tokens/s = tokens per step / median step time (2-3 steps after 1 warm-up step).", ""]
     if rows:
@@ -203,7 +206,12 @@ def main() -> None:
     parser.add_argument("--mem-limit-gb", type=float, default=20.0)
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds one configuration may take")
     parser.add_argument("--longest", action="store_true", help="search the longest trainable sequence instead")
+    parser.add_argument("--longest-start", type=int, default=2048, help="the first length the search tries")
     parser.add_argument("--longest-max", type=int, default=65536)
+    parser.add_argument("--longest-sides", default="jax,torch", choices=["jax,torch", "jax", "torch"],
+                        help="whose longest sequence to search")
+    parser.add_argument("--json", metavar="PATH", help="rows of earlier runs to report with this one's; this run's "
+                        "rows are added to it")
     parser.add_argument("--markdown", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH")
     opts = parser.parse_args()
@@ -226,8 +234,14 @@ def main() -> None:
     start, load_start = time.perf_counter(), load_average()
     rows = [] if opts.longest else sweep(opts, opts.model)
     longest_rows = longest(opts, opts.model) if opts.longest else []
-    text = report(rows, longest_rows, command=command, info=info, load=(load_start, load_average()),
-                  elapsed=time.perf_counter() - start, opts=opts)
+    runs = [{"command": command, "load": (load_start, load_average()), "elapsed_s": time.perf_counter() - start}]
+    if opts.json:  # earlier runs' rows first: one report over several invocations on the same machine
+        from jaxlora.atomic import atomic_write
+        earlier = json.loads(Path(opts.json).read_text()) if Path(opts.json).exists() else {}
+        rows, longest_rows = earlier.get("rows", []) + rows, earlier.get("longest", []) + longest_rows
+        runs = earlier.get("runs", []) + runs
+        atomic_write(opts.json, json.dumps({"rows": rows, "longest": longest_rows, "runs": runs}, indent=1))
+    text = report(rows, longest_rows, runs=runs, info=info, opts=opts)
     print(text)
     if opts.markdown:
         from jaxlora.atomic import atomic_write
