@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.nn.attention import (AttentionMask, blockwise_attention, cached_attention, computed_blocks,
-                                  grouped_attention)
+from jaxlora.nn.attention import AttentionMask, blockwise_attention, computed_blocks
+from jaxlora.nn.dense_attention import cached_attention, grouped_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 MARKER = "<!-- hand-written below: kept when the script rewrites this file -->"

@@ -59,7 +59,7 @@ measured with; with the blockwise kernel XLA's per-layer growth on the tiny mode
 at 64, 256, 512 and 1024 tokens): the layer input and the residual after attention (H each, for the
 RMSNorms' backward), the rotated queries (q), keys and values (kv each), the attention output in its
 head-major layout (q) and the float32 logsumexp of each head's scores (the residuals of
-`jaxlora.nn.attention.blockwise_attention`; the dense kernel, `grouped_attention`, keeps the float32
+`jaxlora.nn.attention.blockwise_attention`; the dense kernel, `jaxlora.nn.dense_attention`, keeps the float32
 softmax probabilities ``[heads, seq]`` per token instead). Then the RMSNorms' 1/rms
 and mean square (4 float32 per token), and in the MLP three intermediate-size arrays: sigmoid(gate) and
 silu(gate), and up. `jaxlora.models.llama.swiglu`'s custom gradient keeps only gate and up as its

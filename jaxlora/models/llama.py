@@ -35,8 +35,8 @@ from flax import nnx
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from jaxlora.models.scan import each_layer, run_layers
-from jaxlora.nn.attention import (DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, AttentionMask, blockwise_attention,
-                                  cached_attention, grouped_attention)
+from jaxlora.nn.attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, AttentionMask, blockwise_attention
+from jaxlora.nn.dense_attention import cached_attention, grouped_attention
 from jaxlora.nn.linear import Linear, broadcast_last
 from jaxlora.nn.matmul import linear_matmul
 

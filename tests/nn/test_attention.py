@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxlora.nn.attention import AttentionMask, blockwise_attention, computed_blocks, grouped_attention
+from jaxlora.nn.attention import AttentionMask, blockwise_attention, computed_blocks
+from jaxlora.nn.dense_attention import grouped_attention
 from tests.error_bounds import (abs_einsum, accumulation_roundoff, assert_within, dot_bound, exact, fn_error, gamma,
                                 make_inputs, narrowing, random_array, unit_roundoff, value_and_vjp, vjp_exactly)
 
