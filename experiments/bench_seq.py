@@ -178,7 +178,7 @@ def plot(rows, path: str) -> None:
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = sorted({label(r["framework"], r["method"], r["ckpt"]) for r in rows})
     for name in names:
-        pts = [(r["batch"] * r["seq"], tokens_per_s(r["result"], r["batch"], r["seq"]), r["result"].get("peak_rss_gb"))
+        pts = [(r["seq"], tokens_per_s(r["result"], r["batch"], r["seq"]), r["result"].get("peak_rss_gb"))
                for r in rows if label(r["framework"], r["method"], r["ckpt"]) == name and "times" in r["result"]]
         if not pts:
             continue
@@ -187,7 +187,7 @@ def plot(rows, path: str) -> None:
         ax_mem.plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=name)
     for ax, title in ((ax_speed, "tokens/s"), (ax_mem, "peak RSS (GB)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens per step (batch 4 x 256, then batch 1)")
+        ax.set_xlabel("sequence length (batch 4 at 256, then batch 1)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax_mem.legend(fontsize=7)
