@@ -32,29 +32,17 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import ROOT, machine_info, probe_environment  # noqa: E402
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """``name -> (in, out)`` of a decoder layer's projections."""
-    h, i = config["hidden_size"], config["intermediate_size"]
-    d = config.get("head_dim") or h // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
-def step_flops(config: dict, batch: int, seq: int, rank: int, ckpt: bool) -> dict[str, float]:
-    """Matrix-product FLOPs of one LoRA training step on all 7 projections (module docstring, 1.)."""
-    layers, tokens = config["num_hidden_layers"], batch * seq
-    shapes = projection_shapes(config)
+def step_flops(shape, batch: int, seq: int, rank: int, ckpt: bool) -> dict[str, float]:
+    """Matrix-product FLOPs of one LoRA training step on all 7 projections (module docstring, 1.);
+    ``shape``: `jaxlora.cli.memory.ModelShape`."""
+    layers, tokens = shape.num_hidden_layers, batch * seq
+    projections = shape.projection_shapes().values()
     recompute = 1 if ckpt else 0
-    base = sum(i * o for i, o in shapes.values()) * layers * tokens * (2 + recompute)
-    lora = sum(i + o for i, o in shapes.values()) * rank * layers * tokens * (4 + recompute)
-    head = config["vocab_size"] * config["hidden_size"] * tokens * 2
-    d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    base = sum(o * i for o, i in projections) * layers * tokens * (2 + recompute)
+    lora = sum(o + i for o, i in projections) * rank * layers * tokens * (4 + recompute)
+    head = shape.vocab_size * shape.hidden_size * tokens * 2
     pairs = batch * seq * (seq + 1) // 2
-    attention = pairs * config["num_attention_heads"] * d * layers * (6 + 2 * recompute)
+    attention = pairs * shape.num_attention_heads * shape.head_dim * layers * (6 + 2 * recompute)
     return {name: 2.0 * macs for name, macs in
             (("projections", base), ("output layer", head), ("LoRA", lora), ("attention", attention))}
 
@@ -68,7 +56,7 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def matmul_rates(config: dict, tokens: int, reps: int) -> dict[str, float]:
+def matmul_rates(shape, tokens: int, reps: int) -> dict[str, float]:
     """GFLOP/s of XLA and torch over the decoder's projection products (forward and input gradient)."""
     import jax
     import jax.numpy as jnp
@@ -77,7 +65,7 @@ def matmul_rates(config: dict, tokens: int, reps: int) -> dict[str, float]:
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     seconds, flops = {"XLA": 0.0, "torch": 0.0}, 0.0
-    for _, (i, o) in projection_shapes(config).items():
+    for o, i in shape.projection_shapes().values():
         for a_shape, b_shape in (((tokens, i), (i, o)), ((tokens, o), (o, i))):
             a, b = rng.standard_normal(a_shape, np.float32), rng.standard_normal(b_shape, np.float32)
             ja, jb = jnp.asarray(a), jnp.asarray(b)
@@ -93,7 +81,7 @@ def matmul_rates(config: dict, tokens: int, reps: int) -> dict[str, float]:
     return {name: flops / s / 1e9 for name, s in seconds.items()}
 
 
-def report(rows: list[dict], config: dict, rates: dict[str, float], *, info, command, tokens) -> str:
+def report(rows: list[dict], shape, rates: dict[str, float], *, info, command, tokens) -> str:
     best = max(rates.values())
     lines = ["# The step's matrix products against this machine's matrix speed", "",
              f"Command: `{command}`", "", "Machine: " + "; ".join(info), "",
@@ -108,7 +96,7 @@ def report(rows: list[dict], config: dict, rates: dict[str, float], *, info, com
              "|---|---|---|---|---|---|---|---|---|---|"]
     for jax_row, torch_row in zip(rows[::2], rows[1::2], strict=True):
         b, s = jax_row["batch"], jax_row["seq"]
-        parts = step_flops(config, b, s, 16, jax_row["ckpt"])
+        parts = step_flops(shape, b, s, 16, jax_row["ckpt"])
         total = sum(parts.values())
         times = [statistics.median(r["result"]["times"]) if "times" in r["result"] else None
                  for r in (jax_row, torch_row)]
@@ -133,11 +121,13 @@ def main() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(ROOT))
     from torch_bridge.smollm2 import ensure_smollm2
-    config = json.loads((Path(ensure_smollm2()) / "config.json").read_text())
+    from jaxlora.cli.memory import ModelShape
+    from jaxlora.models import LlamaConfig
+    shape = ModelShape.from_config(LlamaConfig.from_file(Path(ensure_smollm2()) / "config.json"))
     rows = json.loads(Path(opts.json).read_text())["rows"]
     info = machine_info(probe_environment(argparse.Namespace(device="cpu")))
-    rates = matmul_rates(config, opts.tokens, opts.reps)
-    text = report(rows, config, rates, info=info, command="python " + " ".join(sys.argv), tokens=opts.tokens)
+    rates = matmul_rates(shape, opts.tokens, opts.reps)
+    text = report(rows, shape, rates, info=info, command="python " + " ".join(sys.argv), tokens=opts.tokens)
     print(text)
     if opts.markdown:
         from jaxlora.atomic import atomic_write
