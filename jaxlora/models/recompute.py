@@ -15,7 +15,7 @@ the layer's output) and runs the layer again from that. The factor is an exact 1
 ``g[0]``, so the numbers are those of the forward pass, but the recomputation now depends on data
 that exists only once the layers above have been differentiated: no scheduler can hoist it, and
 common-subexpression elimination cannot merge it with the forward pass (the same device as
-`jaxlora.nn.linear4bit` uses for dequantization). A non-finite ``g[0]`` makes every gradient NaN,
+`jaxlora.nn.linear4bit` uses for dequantization: `jaxlora.nn.ordering`). A non-finite ``g[0]`` makes every gradient NaN,
 which the trainer reports as a non-finite step.
 
 Module state: the layer is split into its state (parameters, 4-bit weights, dropout RNG counters)
@@ -27,8 +27,9 @@ masks. Integer and boolean leaves get float0 cotangents.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
+
+from jaxlora.nn.ordering import one_after
 
 
 def recomputed_call(module: nnx.Module, x: jax.Array, *args, **static):
@@ -62,18 +63,12 @@ def _checkpointed(run, state, x, args):
 
     def backward(saved, cotangents):
         state, x, args = saved
-        tie = 1.0 + 0.0 * _first_element(cotangents[0])
+        tie = one_after(cotangents[0])
         _, vjp = jax.vjp(run, state, x * tie.astype(x.dtype), args)
         return vjp(cotangents)
 
     call.defvjp(forward, backward)
     return call(state, x, args)
-
-
-def _first_element(tree) -> jax.Array:
-    """The first element of the first floating-point leaf of ``tree``, as float32."""
-    leaf = next(leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating))
-    return leaf.reshape(-1)[0].astype(jnp.float32)
 
 
 __all__ = ["recomputed_call"]

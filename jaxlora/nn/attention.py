@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.nn.matmul import batched_einsum
+from jaxlora.nn.ordering import zeros_after
 
 # Measured on the project's 2-core CPU (experiments/results/attention.md): larger blocks amortize the
 # loop and the block copies, smaller ones keep a block's scores in cache and skip more of the triangle.
@@ -242,7 +243,10 @@ def _forward(q, keys, values, mask: AttentionMask, block_q, block_k):
             total, block.reshape(lay.b, lay.kv, lay.groups, lay.bq, *total.shape[4:]), q_start, axis=3)
         return write(out, block_out), write(lse, block_lse)
 
-    init = (_zeros_after(q, q.shape, q.dtype), _zeros_after(q, q.shape[:4], acc))
+    # Zeros made from a constant would be allocated at the start of the program and live until this loop
+    # runs: with gradient checkpointing, every layer's accumulators (4 arrays of q's size a layer) were
+    # alive through the whole step. These follow q.
+    init = (zeros_after(q, q.shape, q.dtype), zeros_after(q, q.shape[:4], acc))
     return jax.lax.fori_loop(0, lay.nq, query_block, init)
 
 
@@ -297,18 +301,8 @@ def _backward(q, keys, values, mask: AttentionMask, out, lse, grad_out, block_q,
             return jax.lax.dynamic_update_slice_in_dim(total, current + block_t.swapaxes(1, 2), k_start, axis=1)
         return dq, add(dk, dk_t), add(dv, dv_t)
 
-    init = tuple(_zeros_after(grad_out, x.shape, acc) for x in (q, keys, values))
+    init = tuple(zeros_after(grad_out, x.shape, acc) for x in (q, keys, values))
     return jax.lax.fori_loop(0, lay.nk, key_block, init)
-
-
-def _zeros_after(x: jax.Array, shape, dtype) -> jax.Array:
-    """Zeros that cannot exist before ``x`` does. A loop's initial carry made from a constant is created
-    at the start of the program by XLA's scheduler and lives until its loop runs: with gradient
-    checkpointing, every layer's attention accumulators were alive through the whole forward and
-    backward pass (4 arrays of q's size per layer). ``0 * x[0]`` (0 where x[0] is not finite) is no
-    constant to XLA, so the zeros follow ``x``."""
-    first = x.reshape(-1)[0].astype(jnp.float32)
-    return jnp.broadcast_to(jnp.where(jnp.isfinite(first), first * 0.0, 0.0).astype(dtype), shape)
 
 
 def _flat(x):

@@ -18,7 +18,7 @@ the data it is used with: the code table and the block scales are multiplied by 
 the forward and ``1 + 0 * g[0]`` in the backward, an exact 1.0 that changes no bit for finite
 inputs (a non-finite ``x[0]`` or ``g[0]`` turns the result into NaN), and the packed codes (and the
 8-bit scale codes of double quantization) are XORed with ``x[0] != x[0]`` (0 unless ``x[0]`` is NaN). ``optimization_barrier`` does not prevent
-any of this on XLA's CPU backend; tests/nn/test_linear4bit.py measures the peak memory.
+any of this on XLA's CPU backend (`jaxlora.nn.ordering`); tests/nn/test_linear4bit.py measures the peak memory.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxlora.nn.linear import broadcast_last
 from jaxlora.nn.matmul import dot
+from jaxlora.nn.ordering import first_element, one_after
 from jaxlora.quant import QuantizedTensor, block_scales, dequantize_4bit, quantize_4bit
 from jaxlora.quant.codebooks import DECODE_4BIT
 from jaxlora.quant.fourbit import decode_4bit
@@ -58,8 +59,8 @@ def quantized_matmul(x: jax.Array, q: QuantizedTensor, compute_dtype) -> jax.Arr
 
 def _dequantize_after(q: QuantizedTensor, data: jax.Array, dtype) -> jax.Array:
     """Dequantize ``q``, with a data dependency on ``data`` (see the module docstring)."""
-    first = data.reshape(-1)[0].astype(jnp.float32)
-    one = 1.0 + 0.0 * first
+    first = first_element(data)
+    one = one_after(data)
     table = jnp.asarray(DECODE_4BIT[q.quant_type]) * one
     flip = first != first  # False unless first is NaN (then the output is NaN anyway)
 
