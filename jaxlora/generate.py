@@ -20,7 +20,9 @@ Compilation. The model is split once per structure (``nnx.split``); the structur
 and the weights are a jit argument, so new weights (training, ``nnx.update``) reuse the compiled
 functions. Prompt lengths are padded up to a multiple of ``bucket`` and the output buffer to a
 multiple of ``bucket`` too, so prompts and ``max_new_tokens`` of similar size share one compilation.
-Generation always runs the model in eval mode (no LoRA dropout), whatever mode it is in.
+Generation always runs the model in eval mode (no LoRA dropout), whatever mode it is in. A model
+whose layers are stacked (`jaxlora.models.scan.stack_layers`) runs them as one scanned body over one
+stacked KV cache, so prefill and decoding compile in about the same time at any depth.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models import KVCache, LlamaConfig
+from jaxlora.models.scan import StackedLayers
 
 DECODE_LOOPS = ("while_loop", "python")
 
@@ -231,7 +234,8 @@ class _Compiled:
             model = nnx.merge(graphdef, state)
             b = ids.shape[0]
             positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-            cache = KVCache.create(config, b, cache_len, cache_dtype)
+            cache = KVCache.create(config, b, cache_len, cache_dtype,
+                                   stacked=isinstance(find_llama(model).model.layers, StackedLayers))
             logits, cache = last_logits(model, ids, mask, positions, cache)  # left-padded: last slot = last token
             vocab = logits.shape[-1]
             # Padding indexes the extra column vocab, which is dropped (it is never a token).

@@ -16,7 +16,8 @@ is the same object on both sides):
 Every projection is a `jaxlora.nn.Linear` (or, after quantization / LoRA injection, a `Linear4bit` or
 `LoraLinear` in its place). The layers are an ``nnx.List``: LoRA injection may give layers different
 structures (layers_to_transform, rank_pattern). Identical layers can be stacked in place and run as one
-scanned body, whose compile time hardly grows with depth (`jaxlora.models.scan`; the trainer does this).
+scanned body, whose compile time hardly grows with depth (`jaxlora.models.scan`; the trainer and
+``jaxlora generate`` do this); a stacked model decodes with a stacked `KVCache` carried through the scan.
 
 Dtypes: parameters keep the dtype they were loaded in; the compute dtype (``dtype``) is the dtype of
 the activations: the embedding output is cast to it and each projection casts its weight to the
@@ -34,7 +35,7 @@ from flax import nnx
 
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
-from jaxlora.models.scan import each_layer, run_layers
+from jaxlora.models.scan import StackedLayers, each_layer, run_layers
 from jaxlora.nn.attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, AttentionMask, blockwise_attention
 from jaxlora.nn.dense_attention import cached_attention, grouped_attention
 from jaxlora.nn.linear import Linear, broadcast_last
@@ -46,11 +47,14 @@ from jaxlora.nn.matmul import linear_matmul
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    keys/values: one ``[batch * kv_heads, max_len, head_dim]`` array per layer (head-major, the layout
-    attention multiplies in, with no unit axis for XLA to drop; a tuple: each layer's array is its own
-    buffer, so a decoding step writes its new position in place; `stacked_keys` / `stacked_values`
-    give ``[layers, batch, kv_heads, max_len, head_dim]``); ``length``: int32 scalar, how many
-    positions are filled; ``mask``: ``[batch, max_len]`` bool, which cached positions are real tokens.
+    keys/values: per layer (a tuple), one ``[batch * kv_heads, max_len, head_dim]`` array per layer
+    (head-major, the layout attention multiplies in, with no unit axis for XLA to drop; each layer's
+    array is its own buffer, so a decoding step writes its new position in place); or stacked, one
+    ``[layers, batch * kv_heads, max_len, head_dim]`` array, for layers that run as one scanned body
+    (`jaxlora.models.scan.StackedLayers`, which writes each layer's new positions into it in place).
+    `stacked_keys` / `stacked_values` give ``[layers, batch, kv_heads, max_len, head_dim]`` either way.
+    ``length``: int32 scalar, how many positions are filled; ``mask``: ``[batch, max_len]`` bool, which
+    cached positions are real tokens.
     """
 
     keys: tuple[jax.Array, ...]
@@ -59,15 +63,25 @@ class KVCache:
     mask: jax.Array
 
     @classmethod
-    def create(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def create(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+               stacked: bool = False) -> "KVCache":
+        """An empty cache; ``stacked``: one array for all layers (for a scanned model), else one per layer."""
         shape = (batch * config.num_key_value_heads, max_len, config.head_dim)
-        layers = range(config.num_hidden_layers)
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   jnp.zeros((), jnp.int32), jnp.zeros((batch, max_len), bool))
+        n = config.num_hidden_layers
+        if stacked:
+            keys, values = jnp.zeros((n, *shape), dtype), jnp.zeros((n, *shape), dtype)
+        else:
+            keys, values = tuple(jnp.zeros(shape, dtype) for _ in range(n)), tuple(jnp.zeros(shape, dtype) for _ in range(n))
+        return cls(keys, values, jnp.zeros((), jnp.int32), jnp.zeros((batch, max_len), bool))
+
+    @property
+    def is_stacked(self) -> bool:
+        return not isinstance(self.keys, tuple)
 
     def _stacked(self, arrays) -> jax.Array:
         batch, max_len = self.mask.shape
-        return jnp.stack(arrays).reshape(len(arrays), batch, -1, max_len, arrays[0].shape[-1])
+        stack = arrays if self.is_stacked else jnp.stack(arrays)
+        return stack.reshape(stack.shape[0], batch, -1, max_len, stack.shape[-1])
 
     @property
     def stacked_keys(self) -> jax.Array:
@@ -303,8 +317,17 @@ class LlamaForCausalLM(nnx.Module):
             x = run_layers(self.model.layers, x, cos, sin, mask_spec, None, implementation=implementation,
                            remat=self.gradient_checkpointing)
             return self.model.norm(x), None
+        layers = self.model.layers
+        if cache.is_stacked:
+            if not isinstance(layers, StackedLayers):
+                raise TypeError("a stacked KVCache (KVCache.create(..., stacked=True)) is for decoder layers stacked "
+                                "for scanning (jaxlora.models.scan.stack_layers); these run per layer: create the "
+                                "cache with stacked=False")
+            x, keys, values = layers.with_cache(x, cache.keys, cache.values, start, cos, sin, mask_spec,
+                                                implementation=implementation)
+            return self.model.norm(x), KVCache(keys, values, start + s, mask_spec.key_mask)
         keys, values = list(cache.keys), list(cache.values)
-        for i, layer in enumerate(each_layer(self.model.layers)):
+        for i, layer in enumerate(each_layer(layers)):
             x, layer_cache = layer(x, cos, sin, mask_spec, (keys[i], values[i], start), implementation=implementation)
             # Each layer's array is its own buffer (a loop carry in decoding), updated in place;
             # re-stacking the layers into one [layers, ...] array copied the whole cache every token.

@@ -108,6 +108,34 @@ class StackedLayers(nnx.Module):
         nnx.update(self.layer, new_rng)  # the dropout streams advance as they do in the loop
         return x
 
+    def with_cache(self, x: jax.Array, keys: jax.Array, values: jax.Array, start: jax.Array, *args, **static):
+        """``(x, keys, values)`` after every layer in order, ``x, (k, v) = layer_i(x, *args, (keys[i], values[i],
+        start), **static)``, as one scan: the decoding form (no gradients). ``keys`` / ``values``:
+        ``[num_layers, ...]`` stacked caches, carried through the scan; each layer's new positions (the
+        ``x.shape[1]`` rows from ``start`` on axis 1 of its slice) are written into them in place, so a decoding
+        step does not copy the whole cache out as the scan's stacked output would. Dropout streams are not
+        advanced (decoding runs in eval mode, where nothing draws from them; the decode loop traces this
+        inside a ``lax.while_loop``, where the module's state cannot be updated)."""
+        graphdef, rng_state, weights = nnx.split(self.layer, nnx.RngState, ...)
+        rows = x.shape[1]
+
+        def body(carry, per_layer):
+            x, keys, values = carry
+            rng, w, index = per_layer
+            layer = nnx.merge(graphdef, rng, w)
+            own = (jax.lax.dynamic_index_in_dim(keys, index, keepdims=False),
+                   jax.lax.dynamic_index_in_dim(values, index, keepdims=False), start)
+            x, written = layer(x, *args, own, **static)
+            new_k, new_v = (jax.lax.dynamic_slice_in_dim(a, start, rows, axis=1)[None] for a in written)
+            zero = jnp.zeros((), jnp.int32)
+            keys = jax.lax.dynamic_update_slice(keys, new_k, (index, zero, start, zero))
+            values = jax.lax.dynamic_update_slice(values, new_v, (index, zero, start, zero))
+            return (x, keys, values), None
+
+        index = jnp.arange(self.num_layers, dtype=jnp.int32)
+        (x, keys, values), _ = jax.lax.scan(body, (x, keys, values), (rng_state, weights, index))
+        return x, keys, values
+
     def layer_at(self, index: int) -> nnx.Module:
         """Layer ``index`` as a module of its own (slices of the stacked variables: inside jit, not copies kept)."""
         graphdef, state = nnx.split(self.layer)

@@ -17,7 +17,7 @@ from flax import nnx
 import jaxlora
 from jaxlora.adapters.model import get_submodule, set_submodule
 from jaxlora.generate import GenerationConfig, Generator
-from jaxlora.models import LlamaConfig, LlamaForCausalLM
+from jaxlora.models import KVCache, LlamaConfig, LlamaForCausalLM
 from jaxlora.models.scan import (STACKED_KEY, LayerStacking, ScanFallbackWarning, StackedLayers, StackedLayersError,
                                  per_layer_view, stack_layers, stacked, unstack_layers)
 from jaxlora.nn import Linear4bit, LoraLinear
@@ -132,11 +132,52 @@ def test_scanned_logits_match_the_loop_with_padding_packing_and_dropout(kind):
     leaves_close(scan(args[0], args[1]), loop(args[0], args[1]), REL)
 
 
-def test_generation_on_a_stacked_model_matches_the_loop():
-    loop, scan = make_model(), make_model()
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("decode_loop", ["while_loop", "python"])
+def test_generation_on_a_stacked_model_matches_the_loop(kind, decode_loop):
+    loop, scan = make_model(kind), make_model(kind)
     stack_layers(scan)
     prompts, config = [[5, 6, 7], [9, 10, 11, 12, 13]], GenerationConfig(max_new_tokens=6)
-    assert Generator(scan, bucket=8)(prompts, config) == Generator(loop, bucket=8)(prompts, config)
+    expected = Generator(loop, bucket=8, decode_loop=decode_loop)(prompts, config)
+    assert Generator(scan, bucket=8, decode_loop=decode_loop)(prompts, config) == expected
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "dense"])
+def test_a_stacked_cache_is_filled_as_the_per_layer_one(implementation):
+    """Prefill then two decoding steps (left-padded rows): the scanned body writes each layer's keys and values
+    into the stacked cache where the loop writes them into its per-layer arrays, and gives the same logits;
+    a stacked model also still takes a per-layer cache (each layer's slice, in a loop)."""
+    loop, scan = make_model(), make_model()
+    stack_layers(scan)
+    for model in (loop, scan):
+        model.eval()
+        model.base_model.attention_implementation = implementation
+    ids = jnp.asarray([[0, 0, 5, 6, 7], [9, 10, 11, 12, 13]])
+    mask = ids > 0
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+    def run(model, stacked_cache):
+        cache = KVCache.create(CONFIG, 2, 8, stacked=stacked_cache)
+        out = []
+        logits, cache = model(ids, mask, position_ids=positions, cache=cache)
+        out.append(logits)
+        for token in ([[3], [4]], [[8], [2]]):
+            positions_now = jnp.max(positions, axis=1, keepdims=True) + len(out)
+            logits, cache = model(jnp.asarray(token), jnp.ones((2, 1), bool), position_ids=positions_now, cache=cache)
+            out.append(logits)
+        return out, cache
+
+    expected, per_layer = run(loop, False)
+    for stacked_cache in (True, False):
+        got, cache = run(scan, stacked_cache)
+        assert cache.is_stacked == stacked_cache
+        leaves_close(got, expected, REL)
+        assert int(cache.length) == int(per_layer.length) == 7
+        np.testing.assert_array_equal(cache.mask, per_layer.mask)
+        leaves_close((cache.stacked_keys, cache.stacked_values), (per_layer.stacked_keys, per_layer.stacked_values),
+                     REL)
+    with pytest.raises(TypeError, match="stacked=False"):
+        loop(ids, mask, position_ids=positions, cache=KVCache.create(CONFIG, 2, 8, stacked=True))
 
 
 def test_stack_and_unstack_are_exact_and_keep_the_per_layer_modules():
