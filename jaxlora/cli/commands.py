@@ -96,6 +96,10 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     model = load_for_generation(model_dir, args.adapter, args.quantize, args.dtype)
+    if args.scan_layers:
+        from jaxlora.models.scan import stack_layers
+
+        stack_layers(model)  # one scanned body and one stacked KV cache; layers that differ stay a loop (warned)
     try:
         outputs = Generator(model)([codec.encode_prompt(p) for p in args.prompt], config)
     except ValueError as e:
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+                   help="run the decoder layers in a Python loop instead of one scanned body (compiles slower)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a PEFT adapter, a merged checkpoint or a bitsandbytes 4-bit one",

@@ -179,9 +179,11 @@ def test_generate_matches_transformers_and_peft(capsys, tiny_model_dir, trained_
     assert code == 0 and out == hf_greedy(hf, codec, "Say the color red.", 8) + "\n"
 
     with_adapter = peft.PeftModel.from_pretrained(hf, trained_run / "adapter").eval()
-    code, out, _ = run_cli(capsys, "generate", "--model", tiny_model_dir, "--adapter", trained_run / "adapter",
-                           "--prompt", "Say the color red.", "--max-new-tokens", 8)
-    assert code == 0 and out == hf_greedy(with_adapter, codec, "Say the color red.", 8) + "\n"
+    expected = hf_greedy(with_adapter, codec, "Say the color red.", 8) + "\n"
+    for form in ([], ["--no-scan-layers"]):  # one scanned body (the default) or the loop
+        code, out, _ = run_cli(capsys, "generate", "--model", tiny_model_dir, "--adapter", trained_run / "adapter",
+                               "--prompt", "Say the color red.", "--max-new-tokens", 8, *form)
+        assert code == 0 and out == expected, form
 
 
 def test_generate_sampling_is_seeded(capsys, tiny_model_dir):
