@@ -23,7 +23,7 @@ gradients of the trainable parameters only, AdamW). Around it:
 - at the end: the PEFT adapter in ``adapter/`` (full fine-tuning: the HF checkpoint in ``model/``),
   ``summary.json`` and ``loss.png``.
 
-With ``model.scan_layers`` identical decoder layers run as one scanned body: the model is
+With ``model.scan_layers`` (the default) identical decoder layers run as one scanned body: the model is
 converted in place to its stacked form for the run, without a second copy of its weights, and back
 to per-layer form at the end however the run ends; checkpoints and best_adapter/ are written per
 layer meanwhile, so files are the same as with the loop (`jaxlora.models.scan`).
