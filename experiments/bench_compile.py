@@ -12,6 +12,12 @@ SmolLM2-135M's shape (30 layers, random weights with its config: experiments/gpu
 batch 4 x 256 as in experiments/bench_train.py: LoRA r=16 on all linear layers without gradient
 checkpointing, and QLoRA with it; loop against scan (``--no-smollm2`` leaves it out).
 
+Generation (``--generate``): greedy decoding with the KV cache (`jaxlora.generate.Generator`, the jitted
+prefill and the decode ``while_loop``) of the same models in eval mode, loop against scan (the scanned
+body carries one stacked cache). Tiny depths: batch 2, prompts of 64 tokens, 32 new tokens; SmolLM2-135M's
+shape: batch 4, prompts of 128 tokens, 64 new tokens. Reported: the first call (trace, lower, compile and
+run), a second call with the same shapes (run only; median of ``--steps``) and decoded tokens/s of it.
+
 Each configuration runs in a fresh subprocess (no compilation cache shared, its own memory). Reported:
 lower s (trace + lower to StableHLO), compile s (XLA), step s (median over ``--steps`` steps after 2
 warm-up steps), XLA temporary buffers (memory_analysis of the compiled step).
@@ -92,6 +98,38 @@ def run_case(case: dict) -> dict:
             "step_max_s": max(times), "xla_temp_mb": temp / 2**20, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+def run_generate_case(case: dict) -> dict:
+    """One generation configuration, in this process: the first call compiles, the next ones only run."""
+    import jax
+    import numpy as np
+
+    from jaxlora.generate import GenerationConfig, Generator
+    from jaxlora.models.scan import stack_layers
+
+    model = build_model(case["config"], case["method"], False, case["rank"])
+    if case["form"] == "scan":
+        reason = stack_layers(model)
+        assert reason is None, reason
+    model.eval()
+    batch, prompt, new = case["batch"], case["prompt"], case["new_tokens"]
+    prompts = np.random.default_rng(0).integers(1, case["config"]["vocab_size"], size=(batch, prompt)).tolist()
+    config = GenerationConfig(max_new_tokens=new)  # no EOS: every row decodes all new tokens
+    generator = Generator(model)
+    t0 = time.perf_counter()
+    first = generator(prompts, config)
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(case["steps"]):
+        start = time.perf_counter()
+        again = generator(prompts, config)
+        times.append(time.perf_counter() - start)
+        assert again == first
+    run_s = statistics.median(times)
+    assert generator.trace_counts == {"prefill": 1, "decode": 1}, generator.trace_counts
+    return {"first_s": first_s, "run_s": run_s, "run_min_s": min(times), "run_max_s": max(times),
+            "tokens_per_s": batch * new / run_s, "tokens": [row[:4] for row in first], "backend": jax.default_backend()}
+
+
 def in_subprocess(case: dict, timeout: int) -> dict:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
@@ -125,10 +163,14 @@ def main() -> None:
     parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--markdown", help="write the results as markdown here")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per configuration")
+    parser.add_argument("--generate", action="store_true", help="time generation instead of the train step")
     opts = parser.parse_args()
     if opts.case:
-        print(json.dumps(run_case(json.loads(opts.case))))
+        case = json.loads(opts.case)
+        print(json.dumps(run_generate_case(case) if case.get("generate") else run_case(case)))
         return
+    if opts.generate:
+        return generate_main(opts)
 
     command = "python " + " ".join(["experiments/bench_compile.py", *sys.argv[1:]])
     started = others()
@@ -143,10 +185,7 @@ def main() -> None:
                 rows.append((f"tiny {method} ckpt", depth, form, result))
                 print(rows[-1], flush=True)
     if not opts.no_smollm2:
-        with open(os.path.join(ROOT, "experiments", "gpu", "smollm2_config.json")) as f:
-            smollm2 = {k: v for k, v in json.load(f).items() if k in (
-                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "rope_theta")}
+        smollm2 = smollm2_config()
         for method, ckpt in (("lora", False), ("qlora", True)):
             for form in ("loop", "scan"):
                 case = {"config": smollm2, "method": method, "ckpt": ckpt, "rank": 16, "form": form,
@@ -160,23 +199,69 @@ def main() -> None:
         write_markdown(opts.markdown, command, machine(), started, ended, rows, opts.steps)
 
 
-def write_markdown(path, command, machine_lines, started, ended, rows, steps) -> None:
-    out = ["# Compile time against depth: decoder layers in a loop vs one scanned body", "",
-           f"Command: `{command}`", "", "Machine (`lscpu | head`):", "", "```", *machine_lines, "```", "",
-           "What else was running, at the start:", "", "```", started, "```", "", "and at the end:", "", "```", ended,
-           "```", "", __doc__.split("\n\n", 1)[1].strip(), "",
-           f"step s = median over {steps} steps after 2 warm-up steps (min-max in brackets).", "",
-           "| model | layers | form | lower s | compile s | lower+compile s | step s | XLA temp MiB | loss first -> last |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for name, depth, form, r in rows:
-        if "error" in r:
-            out.append(f"| {name} | {depth} | {form} | error: {r['error']} | | | | | |")
-            continue
-        out.append(f"| {name} | {depth} | {form} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
-                   f"{r['lower_s'] + r['compile_s']:.1f} | {r['step_s']:.4f} ({r['step_min_s']:.4f}-{r['step_max_s']:.4f}) | "
-                   f"{r['xla_temp_mb']:.1f} | {r['loss_first']:.4f} -> {r['loss_last']:.4f} |")
+def smollm2_config() -> dict:
+    with open(os.path.join(ROOT, "experiments", "gpu", "smollm2_config.json")) as f:
+        return {k: v for k, v in json.load(f).items() if k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "rope_theta")}
+
+
+def generate_main(opts) -> None:
+    command = "python " + " ".join(["experiments/bench_compile.py", *sys.argv[1:]])
+    started = others()
+    print(command, *machine(), started, sep="\n", flush=True)
+    cases = [(f"tiny {method}", {**TINY, "num_hidden_layers": depth}, depth, (2, 64, 32))
+             for method in opts.methods.split(",") for depth in [int(d) for d in opts.depths.split(",")]]
+    if not opts.no_smollm2:
+        cases += [(f"SmolLM2-135M {method}", smollm2_config(), 30, (4, 128, 64)) for method in opts.methods.split(",")]
+    rows = []
+    for name, config, depth, (batch, prompt, new) in cases:
+        method = name.split()[-1]
+        for form in ("loop", "scan"):
+            case = {"generate": True, "config": config, "method": method, "rank": 8 if name.startswith("tiny") else 16,
+                    "form": form, "batch": batch, "prompt": prompt, "new_tokens": new, "steps": opts.steps}
+            rows.append((name, depth, form, f"{batch} x {prompt} + {new}", in_subprocess(case, opts.timeout)))
+            print(rows[-1], flush=True)
+    ended = others()
+    print(ended)
+    if not opts.markdown:
+        return
+    write_table(opts.markdown, "Generation compile time against depth: decoder layers in a loop vs one scanned body",
+                command, machine(), started, ended,
+                f"run s = median over {opts.steps} calls after the first (min-max in brackets).",
+                ["model", "layers", "form", "batch x prompt + new", "first call s", "run s", "first - run s",
+                 "decoded tok/s", "first tokens of row 0"],
+                [((name, depth, form, shape), r, lambda r: (
+                    f"{r['first_s']:.1f}", f"{r['run_s']:.3f} ({r['run_min_s']:.3f}-{r['run_max_s']:.3f})",
+                    f"{r['first_s'] - r['run_s']:.1f}", f"{r['tokens_per_s']:.1f}", str(r["tokens"][0])))
+                 for name, depth, form, shape, r in rows])
+
+
+def write_table(path, title, command, machine_lines, started, ended, note, header, rows) -> None:
+    """A markdown report: the title, the command, the machine, what else ran, this script's description,
+    ``note`` and one table; ``rows``: ``(leading cells, result, cells of the result)``, or an error cell."""
+    out = [f"# {title}", "", f"Command: `{command}`", "", "Machine (`lscpu | head`):", "", "```", *machine_lines,
+           "```", "", "What else was running, at the start:", "", "```", started, "```", "", "and at the end:", "",
+           "```", ended, "```", "", __doc__.split("\n\n", 1)[1].strip(), "", note, "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for lead, r, cells in rows:
+        tail = [f"error: {r['error']}"] + [""] * (len(header) - len(lead) - 1) if "error" in r else list(cells(r))
+        out.append("| " + " | ".join([*map(str, lead), *tail]) + " |")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+def write_markdown(path, command, machine_lines, started, ended, rows, steps) -> None:
+    write_table(path, "Compile time against depth: decoder layers in a loop vs one scanned body",
+                command, machine_lines, started, ended,
+                f"step s = median over {steps} steps after 2 warm-up steps (min-max in brackets).",
+                ["model", "layers", "form", "lower s", "compile s", "lower+compile s", "step s", "XLA temp MiB",
+                 "loss first -> last"],
+                [((name, depth, form), r, lambda r: (
+                    f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}", f"{r['lower_s'] + r['compile_s']:.1f}",
+                    f"{r['step_s']:.4f} ({r['step_min_s']:.4f}-{r['step_max_s']:.4f})", f"{r['xla_temp_mb']:.1f}",
+                    f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}"))
+                 for name, depth, form, r in rows])
 
 
 if __name__ == "__main__":
