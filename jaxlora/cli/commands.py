@@ -36,12 +36,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlora.train.trainer import ModelPathError, TrainingError
     from jaxlora.quickstart.run import QuickstartDirectoryError
     from jaxlora.train.fingerprint import BaseModelMismatchError, FingerprintError
+    from jaxlora.parallel import MeshConfigError
     from torch_bridge.checkpoint import CheckpointError
     from torch_bridge.peft import AdapterFileError
 
     return (UserError, ConfigError, AdapterError, ExportError, ModelPathError, TrainingError, TrainConfigError,
             DataError, TemplateError, CheckpointError, AdapterFileError, QuickstartDirectoryError,
-            BaseModelMismatchError, FingerprintError,
+            BaseModelMismatchError, FingerprintError, MeshConfigError,
             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
@@ -57,7 +58,9 @@ def cmd_train(args) -> int:
             tree = apply_preset(tree, args.preset)
         except ValueError as e:
             raise UserError(str(e)) from None
-    config = config_from_dict(apply_overrides(tree, args.set), source=str(args.config))
+    mesh_flags = [f"parallel.{axis}={size}" for axis in ("data", "fsdp", "tensor")
+                  if (size := getattr(args, axis)) is not None]
+    config = config_from_dict(apply_overrides(tree, [*mesh_flags, *args.set]), source=str(args.config))
     model_dir = resolve_model_path(config.model.path)
     print(preflight(config, model_dir).report(), file=sys.stderr)
     if args.dry_run:
@@ -170,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="LoRA preset: qv, attention, all-linear (file and --set win)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--dry-run", action="store_true", help="print the pre-flight report and stop")
+    for axis, what in (("data", "data-parallel replicas"), ("fsdp", "devices the weights are sharded over (-1: the rest)"),
+                       ("tensor", "devices each projection is split over")):
+        p.add_argument(f"--{axis}", type=int, metavar="N", help=f"mesh axis: {what} (parallel.{axis}; --set wins)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate text with a model and adapters",

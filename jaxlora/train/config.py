@@ -38,6 +38,7 @@ from typing import Any
 
 from jaxlora.peft import LoraConfig
 from jaxlora.data.sft import DataConfig as PipelineConfig
+from jaxlora.parallel.mesh import ParallelConfig
 from jaxlora.train.optim import OptimizerConfig
 
 
@@ -129,6 +130,7 @@ class TrainConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 def _parse_value(text: str) -> Any:

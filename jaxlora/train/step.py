@@ -173,7 +173,8 @@ def compiler_options() -> dict[str, str] | None:
     return None
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, wrt=nnx.LoRAParam, offload: bool = False):
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, wrt=nnx.LoRAParam, offload: bool = False,
+                    out_shardings=None):
     """``step(trainable, rest, opt_state, micro_batches) -> (trainable, rest, opt_state, metrics)``.
 
     Args:
@@ -181,6 +182,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, wrt=nnx.LoRAP
       tx: the optax transformation (`jaxlora.train.optim.make_optimizer`).
       wrt: the variable filter that was split off as ``trainable`` (`split_trainable`).
       offload: ``opt_state`` lives in host memory (`jaxlora.train.optim.to_memory`).
+      out_shardings: on a device mesh, ``(trainable, rng_state, opt_state, metrics)`` shardings of the
+        results (`jaxlora.parallel.step_shardings`): the inputs' own, so every step reuses one program
+        and the donated buffers; None: the compiler's choice (one device).
 
     ``micro_batches``: dict of arrays with a leading accumulation axis ``[accum, batch, seq]``. The
     gradient is the sum over micro-batches of d(token loss sum), divided by the total token count.
@@ -225,7 +229,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, wrt=nnx.LoRAP
         metrics = {"loss": loss_total / denominator, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
         return trainable, rng_state, opt_state, metrics
 
-    return _TrainStep(jax.jit(step, donate_argnums=(0, 2), compiler_options=compiler_options()))
+    return _TrainStep(jax.jit(step, donate_argnums=(0, 2), compiler_options=compiler_options(),
+                              out_shardings=out_shardings))
 
 
 def _with_rng_state(fn):

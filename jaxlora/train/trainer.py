@@ -55,6 +55,8 @@ from flax import nnx
 from jaxlora.atomic import atomic_write_json
 from jaxlora.data.sft import SFTTokenizer, batches, load_eval_data, load_sft_data, steps_per_epoch
 from jaxlora.models.scan import LayerStacking, per_layer_view, stack_layers, unstack_layers
+from jaxlora.parallel import (MeshConfigError, batch_split, make_mesh, place_batch, place_optimizer_state, shard_model,
+                              step_shardings)
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
@@ -216,13 +218,18 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     """
     from torch_bridge import save_peft_adapter
 
+    mesh = training_mesh(config)
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, wrt, train_data, eval_data, model_dir = prepared if prepared is not None else setup(config)
     if config.model.scan_layers:  # converted in place for the run, back before the files (module docstring)
         stack_layers(model)  # layers that LoRA made different stay a loop, with a warning saying why
     try:
-        run, started = _run(config, run_dir, model, wrt, train_data, eval_data, model_dir)
+        if mesh is not None:
+            print(f"mesh: {' x '.join(f'{k} {v}' for k, v in mesh.shape.items())} over {mesh.size} "
+                  f"{mesh.devices.flat[0].platform} devices", file=sys.stderr)
+            shard_model(model, mesh)  # in place: the model's arrays become the sharded ones
+        run, started = _run(config, run_dir, model, wrt, train_data, eval_data, model_dir, mesh)
     finally:
         unstack_layers(model)
 
@@ -242,7 +249,20 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     return summary
 
 
-def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, model_dir) -> tuple[dict, float]:
+def training_mesh(config: TrainConfig):
+    """The device mesh of ``config.parallel`` over ``jax.devices()``, or None on one device (the arrays stay
+    where they are). Raises `MeshConfigError` when the axis sizes do not fit the devices or the batch."""
+    mesh = make_mesh(config.parallel)
+    if mesh.size == 1:
+        return None
+    if config.run.batch_size % batch_split(mesh):
+        raise MeshConfigError(f"run.batch_size = {config.run.batch_size} does not split over parallel.data x "
+                              f"parallel.fsdp = {batch_split(mesh)} devices ({dict(mesh.shape)}): use a multiple of "
+                              f"{batch_split(mesh)}, or put devices on parallel.tensor")
+    return mesh
+
+
+def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, model_dir, mesh=None) -> tuple[dict, float]:
     """The training loop of `train` on ``model`` (stacked or per layer): the summary's figures of the run
     and the time its clock started."""
     from torch_bridge import save_peft_adapter
@@ -263,9 +283,12 @@ def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, 
     model.train()
     graphdef, trainable, rest = nnx.split(model, wrt, ...)
     opt_state = tx.init(trainable)
+    if mesh is not None:  # the moments sharded like their parameters (ZeRO)
+        opt_state = place_optimizer_state(tx, opt_state, trainable, mesh)
     if config.optim.offload_optimizer_state:
         opt_state = to_memory(opt_state, "pinned_host")
-    step_fn = make_train_step(graphdef, tx, wrt=wrt, offload=config.optim.offload_optimizer_state)
+    step_fn = make_train_step(graphdef, tx, wrt=wrt, offload=config.optim.offload_optimizer_state,
+                              out_shardings=None if mesh is None else step_shardings(trainable, rest, opt_state, mesh))
     eval_step = make_eval_step(eval_graphdef)
     model_config = config.model
     fingerprint = base_fingerprint(model_dir, load_settings(model_config.dtype, model_config.quantize,
@@ -318,6 +341,7 @@ def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, 
                     iterator = batches(train_data, rows_per_step, seed=config.data.seed, epoch=epoch, start_step=step % per_epoch)
                 batch = next(iterator)
                 micro = {k: v.reshape(config.run.gradient_accumulation_steps, config.run.batch_size, -1) for k, v in batch.items()}
+                micro = micro if mesh is None else place_batch(micro, mesh)
                 trainable, rest, opt_state, metrics = step_fn(trainable, rest, opt_state, micro)
                 last_loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
                 if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
@@ -363,4 +387,4 @@ def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, 
 
 
 __all__ = ["BaseModelMismatchError", "ModelPathError", "TrainingError", "data_position", "resolve_model_path",
-           "skip_nonfinite_updates", "train"]
+           "skip_nonfinite_updates", "train", "training_mesh"]
