@@ -58,9 +58,14 @@ def cmd_train(args) -> int:
             tree = apply_preset(tree, args.preset)
         except ValueError as e:
             raise UserError(str(e)) from None
-    mesh_flags = [f"parallel.{axis}={size}" for axis in ("data", "fsdp", "tensor")
-                  if (size := getattr(args, axis)) is not None]
+    mesh_flags = [f"parallel.{key}={value}" for key in ("data", "fsdp", "tensor", "num_processes", "process_id")
+                  if (value := getattr(args, key)) is not None]
+    if args.coordinator is not None:
+        mesh_flags.append(f'parallel.coordinator="{args.coordinator}"')
     config = config_from_dict(apply_overrides(tree, [*mesh_flags, *args.set]), source=str(args.config))
+    from jaxlora.parallel import start_processes
+
+    start_processes(config.parallel)  # before the pre-flight report asks JAX for its devices
     model_dir = resolve_model_path(config.model.path)
     print(preflight(config, model_dir).report(), file=sys.stderr)
     if args.dry_run:
@@ -176,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     for axis, what in (("data", "data-parallel replicas"), ("fsdp", "devices the weights are sharded over (-1: the rest)"),
                        ("tensor", "devices each projection is split over")):
         p.add_argument(f"--{axis}", type=int, metavar="N", help=f"mesh axis: {what} (parallel.{axis}; --set wins)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, for a run over several processes")
+    p.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (parallel.num_processes)")
+    p.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1 (parallel.process_id)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate text with a model and adapters",

@@ -75,7 +75,7 @@ def available_memory_bytes() -> int | None:
     """Memory the run can use: the accelerator's limit if jax has one, else the host's available RAM."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # this process's own (several processes: the others' are not addressable)
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     try:

@@ -35,6 +35,15 @@ class ParallelConfig:
     devices not used by ``data`` and ``tensor``."""
     tensor: int = 1
     """Tensor parallelism: each projection's output (q/k/v/gate/up, lm_head) or input (o/down) split."""
+    coordinator: str | None = None
+    """``host:port`` of process 0's coordination service, for a run over several processes
+    (`jaxlora.parallel.processes`); None: one process."""
+    num_processes: int = 1
+    """Processes in the run (each with its own devices; the mesh spans all of them)."""
+    process_id: int = 0
+    """This process's index, 0 to num_processes - 1; process 0 writes the logs, adapters and summary."""
+    heartbeat_timeout: int = 100
+    """Seconds after which the other processes stop with an error when one of them has died."""
 
     def __post_init__(self):
         for name in AXES:
@@ -43,6 +52,14 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name} = {size}: expected a positive size, or -1 for the devices left over")
         if [getattr(self, name) for name in AXES].count(-1) > 1:
             raise ValueError("at most one of parallel.data / fsdp / tensor can be -1")
+        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"parallel.process_id = {self.process_id} with parallel.num_processes = "
+                             f"{self.num_processes}: expected 0 <= process_id < num_processes")
+        if self.num_processes > 1 and not self.coordinator:
+            raise ValueError(f"parallel.num_processes = {self.num_processes} needs parallel.coordinator (host:port of "
+                             f"process 0)")
+        if self.heartbeat_timeout < 1:
+            raise ValueError(f"parallel.heartbeat_timeout = {self.heartbeat_timeout}: expected seconds >= 1")
 
     def sizes(self, num_devices: int) -> tuple[int, int, int]:
         """``(data, fsdp, tensor)`` for ``num_devices`` devices, -1 filled in."""

@@ -37,7 +37,10 @@ def place_batch(micro_batches: dict, mesh: Mesh) -> dict:
             raise MeshConfigError(f"batch {name!r} of shape {tuple(x.shape)} ([accumulation, batch, seq]): the batch "
                                   f"{x.shape[1]} does not split into data x fsdp = {parts} equal parts; use a "
                                   f"run.batch_size that is a multiple of {parts}")
-    return jax.device_put(micro_batches, batch_sharding(mesh))
+    sharding = batch_sharding(mesh)
+    # Each process builds only its own devices' slices (all processes hold the same global batch).
+    return {name: jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+            for name, x in micro_batches.items()}
 
 
 def step_shardings(trainable, rest, opt_state, mesh: Mesh):

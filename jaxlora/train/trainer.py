@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import signal
 import subprocess
@@ -55,8 +56,8 @@ from flax import nnx
 from jaxlora.atomic import atomic_write_json
 from jaxlora.data.sft import SFTTokenizer, batches, load_eval_data, load_sft_data, steps_per_epoch
 from jaxlora.models.scan import LayerStacking, per_layer_view, stack_layers, unstack_layers
-from jaxlora.parallel import (MeshConfigError, batch_split, make_mesh, place_batch, place_optimizer_state, shard_model,
-                              step_shardings)
+from jaxlora.parallel import (MeshConfigError, batch_split, is_main_process, make_mesh, place_batch, place_optimizer_state,
+                              shard_model, start_processes, step_shardings)
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
@@ -218,7 +219,9 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
     """
     from torch_bridge import save_peft_adapter
 
+    start_processes(config.parallel)  # several processes: join the run before any device is touched
     mesh = training_mesh(config)
+    main = is_main_process()
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, wrt, train_data, eval_data, model_dir = prepared if prepared is not None else setup(config)
@@ -226,26 +229,29 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> dict:
         stack_layers(model)  # layers that LoRA made different stay a loop, with a warning saying why
     try:
         if mesh is not None:
-            print(f"mesh: {' x '.join(f'{k} {v}' for k, v in mesh.shape.items())} over {mesh.size} "
-                  f"{mesh.devices.flat[0].platform} devices", file=sys.stderr)
+            if main:
+                print(f"mesh: {' x '.join(f'{k} {v}' for k, v in mesh.shape.items())} over {mesh.size} "
+                      f"{mesh.devices.flat[0].platform} devices in {jax.process_count()} process(es)", file=sys.stderr)
             shard_model(model, mesh)  # in place: the model's arrays become the sharded ones
         run, started = _run(config, run_dir, model, wrt, train_data, eval_data, model_dir, mesh)
     finally:
         unstack_layers(model)
 
-    if wrt is not nnx.Param:
-        save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
-    else:  # full fine-tuning: the whole model, as an HF checkpoint
-        from torch_bridge import save_llama
+    if main:  # process 0 writes the files
+        if wrt is not nnx.Param:
+            save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
+        else:  # full fine-tuning: the whole model, as an HF checkpoint
+            from torch_bridge import save_llama
 
-        save_llama(model, run_dir / "model", overwrite=True)
-    _plot(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            save_llama(model, run_dir / "model", overwrite=True)
+        _plot(run_dir / "metrics.jsonl", run_dir / "loss.png")
     summary = {
         "config": json.loads(json.dumps(config, default=lambda o: o.__dict__)),
         "data": _data_summary(train_data, eval_data), **run, "wall_seconds": time.time() - started,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    _write_json(run_dir / "summary.json", summary)
+    if main:
+        _write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -268,6 +274,7 @@ def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, 
     from torch_bridge import save_peft_adapter
 
     stacking = LayerStacking.of(model)  # None: per layer; else checkpoints and adapters convert at the boundary
+    main = is_main_process()  # process 0 logs and writes the adapters
     per_layer = stacking.per_layer if stacking is not None else (lambda tree: tree)
     rows_per_step = config.run.batch_size * config.run.gradient_accumulation_steps
     per_epoch = steps_per_epoch(train_data, rows_per_step)
@@ -329,11 +336,13 @@ def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, 
             best = eval_loss
             if wrt is not nnx.Param:
                 nnx.update(model, trainable)
+                # Every process slices (over several processes that is a computation on all their devices).
                 adapter_model = per_layer_view(model, wrt) if stacking is not None else model
-                save_peft_adapter(adapter_model, run_dir / "best_adapter", base_model_name_or_path=str(model_dir))
+                if main:
+                    save_peft_adapter(adapter_model, run_dir / "best_adapter", base_model_name_or_path=str(model_dir))
 
     try:
-        with open(metrics_path, "a") as log:
+        with open(metrics_path if main else os.devnull, "a") as log:  # process 0 logs
             iterator, epoch = None, None
             for step in range(start, total):
                 if epoch != step // per_epoch or iterator is None:
@@ -352,7 +361,8 @@ def _run(config: TrainConfig, run_dir: Path, model, wrt, train_data, eval_data, 
                 done = step + 1
                 rate = tokens_seen / max(time.time() - t0, 1e-9)
                 eta = (total - done) * (time.time() - t0) / max(done - start, 1)
-                print(f"\rstep {done}/{total}  loss {last_loss:.4f}  {rate:,.0f} tok/s  ETA {eta:,.0f}s", end="", file=sys.stderr)
+                if main:
+                    print(f"\rstep {done}/{total}  loss {last_loss:.4f}  {rate:,.0f} tok/s  ETA {eta:,.0f}s", end="", file=sys.stderr)
                 if done % config.run.log_every == 0 or done == total:
                     log.write(json.dumps({"step": done, "epoch": epoch, "loss": last_loss, "grad_norm": grad_norm,
                                           "learning_rate": float(schedule(step)),

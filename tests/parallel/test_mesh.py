@@ -78,3 +78,13 @@ def test_4bit_weights_split_on_whole_blocks_or_stay_whole():
     assert split.packed.spec == split.absmax.spec == PartitionSpec(("tensor", "fsdp"))  # out axis first
     assert split.nested_absmax.spec == split.offset.spec == PartitionSpec()
     assert got["b"]["down_proj"]["weight"].packed.spec == PartitionSpec()
+
+
+def test_process_settings_are_checked():
+    assert ParallelConfig(coordinator="host0:1234", num_processes=2, process_id=1).num_processes == 2
+    with pytest.raises(ValueError, match="needs parallel.coordinator"):
+        ParallelConfig(num_processes=2)
+    with pytest.raises(ValueError, match="expected 0 <= process_id < num_processes"):
+        ParallelConfig(coordinator="host0:1234", num_processes=2, process_id=2)
+    with pytest.raises(ValueError, match="heartbeat_timeout = 0"):
+        ParallelConfig(heartbeat_timeout=0)
