@@ -16,7 +16,7 @@ import dataclasses
 import math
 
 import jax
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -84,9 +84,14 @@ def make_mesh(config: ParallelConfig | None = None, devices=None) -> Mesh:
     return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def batch_split(mesh: Mesh) -> int:
     """Into how many parts the batch is split (``data x fsdp``)."""
     return math.prod(mesh.shape[name] for name in BATCH_AXES)
 
 
-__all__ = ["AXES", "BATCH_AXES", "MeshConfigError", "ParallelConfig", "batch_split", "make_mesh"]
+__all__ = ["AXES", "BATCH_AXES", "MeshConfigError", "ParallelConfig", "batch_split", "make_mesh", "replicated"]

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlora.parallel.mesh import replicated
 from jaxlora.quant import QuantizedTensor
 
 COLUMN = ("tensor", "fsdp")
@@ -57,7 +58,7 @@ def variable_path(path) -> str:
     """A pytree key path of an nnx state as a dotted module path (``a.b.3.weight``)."""
     names = []
     for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
         if name != "value":
             names.append(str(name))
     return ".".join(names)
@@ -87,7 +88,6 @@ def _dense_spec(path, shape, axes, mesh, notes) -> PartitionSpec:
 
 
 def _quantized_shardings(path, q: QuantizedTensor, axes, mesh, notes) -> QuantizedTensor:
-    replicated = NamedSharding(mesh, PartitionSpec())
     used = tuple(a for a in (axes or ()) if a is not None and mesh.shape[a] > 1)
     parts = math.prod(mesh.shape[a] for a in used)
     lead = q.packed.ndim - 1  # stacked layers: [layers, n/2]
@@ -101,8 +101,8 @@ def _quantized_shardings(path, q: QuantizedTensor, axes, mesh, notes) -> Quantiz
         else:
             flat = PartitionSpec(*([None] * lead), used if len(used) > 1 else used[0])
     split = NamedSharding(mesh, flat)
-    nested = None if q.nested_absmax is None else replicated
-    offset = None if q.offset is None else replicated
+    nested = None if q.nested_absmax is None else replicated(mesh)
+    offset = None if q.offset is None else replicated(mesh)
     return QuantizedTensor(split, split, nested, offset, shape=q.shape, dtype=q.dtype, blocksize=q.blocksize,
                            quant_type=q.quant_type)
 
@@ -134,9 +134,5 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES) -> None:
     nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-__all__ = ["COLUMN", "ROW", "RULES", "ShardingWarning", "replicated", "rule_for", "shard_model", "state_shardings",
+__all__ = ["COLUMN", "ROW", "RULES", "ShardingWarning", "rule_for", "shard_model", "state_shardings",
            "variable_path"]

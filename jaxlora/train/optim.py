@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlora.parallel.rules import variable_path
 from jaxlora.train.schedules import check_schedule, make_schedule
 
 _NO_DECAY = re.compile(r"(bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.))")
@@ -108,7 +109,7 @@ def decay_mask(params):
     """True for parameters that get weight decay: all but biases and norm weights (HF Trainer's rule)."""
 
     def keep(path, _):
-        name = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path).lower()
+        name = variable_path(path).lower()
         return _NO_DECAY.search(name) is None
 
     return jax.tree_util.tree_map_with_path(keep, params)

@@ -56,8 +56,9 @@ from flax import nnx
 from jaxlora.atomic import atomic_write_json
 from jaxlora.data.sft import SFTTokenizer, batches, load_eval_data, load_sft_data, steps_per_epoch
 from jaxlora.models.scan import LayerStacking, per_layer_view, stack_layers, unstack_layers
-from jaxlora.parallel import (MeshConfigError, batch_split, is_main_process, make_mesh, place_batch, place_optimizer_state,
-                              shard_model, start_processes, step_shardings)
+from jaxlora.parallel import (is_main_process, make_mesh, place_batch, place_optimizer_state, shard_model, start_processes,
+                              step_shardings)
+from jaxlora.parallel.placement import check_batch_split
 from jaxlora.peft import get_peft_model
 from jaxlora.train.checkpointing import TrainCheckpointer
 from jaxlora.train.config import TrainConfig
@@ -261,10 +262,7 @@ def training_mesh(config: TrainConfig):
     mesh = make_mesh(config.parallel)
     if mesh.size == 1:
         return None
-    if config.run.batch_size % batch_split(mesh):
-        raise MeshConfigError(f"run.batch_size = {config.run.batch_size} does not split over parallel.data x "
-                              f"parallel.fsdp = {batch_split(mesh)} devices ({dict(mesh.shape)}): use a multiple of "
-                              f"{batch_split(mesh)}, or put devices on parallel.tensor")
+    check_batch_split(config.run.batch_size, mesh, f"run.batch_size = {config.run.batch_size}")
     return mesh
 
 
